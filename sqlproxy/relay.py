@@ -1,0 +1,150 @@
+"""The relay: a pair of asyncio Protocols that move bytes both ways with back-pressure."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Callable
+from typing import Any, cast
+
+# Bytes a leg buffers from its own side before its peer is connected (the client's startup
+# packet, typically a few hundred bytes); above this it stops reading until the link is up.
+PENDING_LIMIT = 64 * 1024
+# Write buffer high-water mark: above it the *other* side stops reading until this drains.
+WRITE_HIGH_WATER = 512 * 1024
+KEEPALIVE_SECONDS = 30
+
+
+def tune_socket(transport: asyncio.BaseTransport) -> None:
+    """tune_socket turns on TCP_NODELAY and 30 s keepalive, as Google's proxy does."""
+    sock = transport.get_extra_info("socket")
+    if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        if hasattr(socket, "TCP_KEEPIDLE"):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_SECONDS)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_SECONDS)
+    except OSError:
+        # The peer may already be gone; the relay notices that on its own.
+        pass
+
+
+class Leg(asyncio.Protocol):
+    """Leg is one side of a relayed connection: what it reads is written to its peer.
+
+    Back-pressure runs across the pair: when this leg's transport reports that its write
+    buffer is full (``pause_writing``), the peer stops reading, and resumes when it drains.
+    """
+
+    __slots__ = (
+        "_forward",
+        "_on_lost",
+        "_on_made",
+        "_pending",
+        "closed",
+        "nbytes",
+        "peer",
+        "side",
+        "transport",
+    )
+
+    def __init__(
+        self,
+        side: str,
+        on_lost: Callable[[Leg, Exception | None], None],
+        on_made: Callable[[Leg], None] | None = None,
+    ) -> None:
+        self.side = side
+        self.transport: asyncio.Transport | None = None
+        self.peer: Leg | None = None
+        self.nbytes = 0
+        self.closed = False
+        self._on_lost = on_lost
+        self._on_made = on_made
+        self._pending = bytearray()
+        self._forward: Callable[[bytes], None] | None = None
+
+    # -- asyncio callbacks --------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports do not subclass asyncio.Transport, but implement it.
+        self.transport = cast(asyncio.Transport, transport)
+        self.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+        tune_socket(transport)
+        if self._on_made is not None:
+            self._on_made(self)
+
+    def data_received(self, data: bytes) -> None:
+        self.nbytes += len(data)
+        forward = self._forward
+        if forward is not None:
+            forward(data)
+            return
+        self._pending += data
+        if len(self._pending) > PENDING_LIMIT and self.transport is not None:
+            self.transport.pause_reading()
+
+    def eof_received(self) -> bool:
+        # No half-close (as Google's proxy): an EOF from either side ends the session.
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self._forward = None
+        self._on_lost(self, exc)
+
+    def pause_writing(self) -> None:
+        peer = self.peer
+        if peer is not None and peer.transport is not None:
+            peer.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        peer = self.peer
+        if peer is not None and peer.transport is not None and not peer.closed:
+            peer.transport.resume_reading()
+
+    # -- used by the session ------------------------------------------------------------
+
+    def take_pending(self) -> bytes:
+        """take_pending returns and clears what arrived before the link was made."""
+        data = bytes(self._pending)
+        self._pending.clear()
+        return data
+
+    def close(self) -> None:
+        """close closes this leg after its buffered writes are flushed."""
+        if self.transport is not None and not self.closed:
+            self.transport.close()
+
+    def abort(self) -> None:
+        """abort closes this leg at once, dropping buffered writes."""
+        if self.transport is not None and not self.closed:
+            self.transport.abort()
+
+
+def link(a: Leg, b: Leg) -> None:
+    """link joins two connected legs so bytes flow both ways; pending bytes go first."""
+    assert a.transport is not None
+    assert b.transport is not None
+    a.peer, b.peer = b, a
+    for src, dst in ((a, b), (b, a)):
+        assert dst.transport is not None
+        early = src.take_pending()
+        if early:
+            dst.transport.write(early)
+        src._forward = dst.transport.write
+    for leg in (a, b):
+        assert leg.transport is not None
+        if not leg.closed and not leg.transport.is_closing():
+            leg.transport.resume_reading()
+
+
+def peer_name(transport: asyncio.BaseTransport) -> str:
+    """peer_name formats the remote address of a transport for log lines."""
+    peer: Any = transport.get_extra_info("peername")
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        host = f"[{peer[0]}]" if ":" in str(peer[0]) else str(peer[0])
+        return f"{host}:{peer[1]}"
+    return str(peer) if peer else "unix-socket"
