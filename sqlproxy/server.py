@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import os
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -167,7 +168,8 @@ class ProxyServer:
                     logger.info("[%s] listening on %s", inst.name, _hostport(host, port))
         except OSError as exc:
             await self.close()
-            raise OSError(exc.errno, f"cannot listen on {inst.listen}: {exc.strerror}") from None
+            reason = os.strerror(exc.errno) if exc.errno else str(exc)
+            raise OSError(f"cannot listen on {inst.listen}: {reason}") from None
         logger.info("the proxy has started successfully and is ready for new connections")
 
     def _accept(self, instance: Instance) -> Leg:
