@@ -8,8 +8,9 @@ import itertools
 import logging
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass
+from typing import Any
 
 from sqlproxy.config import Config, Instance
 from sqlproxy.dialer import CloudSQLDialer, Dialer, DialError, load_credentials
@@ -142,9 +143,9 @@ class ProxyServer:
         self._idle = asyncio.Event()
         self._idle.set()
 
-    def spawn(self, coro: object) -> asyncio.Task[None]:
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         """spawn runs a coroutine as a task this server owns and cancels on close."""
-        task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro)  # type: ignore[arg-type]
+        task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task

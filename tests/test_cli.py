@@ -217,3 +217,20 @@ def test_demo_self_check_runs_end_to_end() -> None:
     assert result.returncode == 0, result.stderr
     assert "self-check through sqlproxy: PostgreSQL" in result.stdout
     assert "psql 'host=127.0.0.1 port=" in result.stdout
+
+
+def test_universe_domain_must_match_the_credentials(emulator: Emulator) -> None:
+    result = run(
+        "--universe-domain",
+        "example.com",
+        "--credentials-file",
+        str(emulator.key_file),
+        "--port",
+        "0",
+        MAIN,
+    )
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        "sqlproxy: config error: --universe-domain example.com does not match the "
+        "credentials' universe domain googleapis.com"
+    ]

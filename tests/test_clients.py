@@ -6,12 +6,15 @@ import asyncio
 import hashlib
 import io
 import os
+import re
+import struct
 
 import asyncpg
 import psycopg
 import pytest
 
 from sqlproxy.emulator import Emulator
+from sqlproxy.pgwire import startup_message
 from tests.conftest import MAIN, PG, make_config, running_proxy
 
 COPY_ROWS = 480_000  # ~54 MB of COPY text
@@ -172,3 +175,73 @@ def test_plain_asyncio_loop_also_relays(emulator: Emulator, pg: PG, loop: str) -
                 await conn.close()
 
     assert asyncio.run(main()) == 500
+
+
+async def test_one_certificate_serves_many_connections(emulator: Emulator, pg: PG) -> None:
+    before = len(emulator.admin_calls)
+    async with running_proxy(make_config(emulator, quota_project="billing-project")) as proxy:
+        addr = proxy.addresses[0]
+        for _ in range(20):
+            conn = await _connect(pg, addr.host, addr.port)
+            await conn.close()
+    calls = emulator.admin_calls[before:]
+    assert [c.method for c in calls].count("GenerateEphemeralCert") == 1
+    assert {c.quota_project for c in calls} == {"billing-project"}
+
+
+async def test_close_line_names_side_and_bytes(
+    emulator: Emulator, pg: PG, proxy_logs: pytest.LogCaptureFixture
+) -> None:
+    async with running_proxy(make_config(emulator)) as proxy:
+        addr = proxy.addresses[0]
+        conn = await _connect(pg, addr.host, addr.port)
+        await conn.fetchval("SELECT repeat('x', 100000)")
+        await conn.close()
+        await asyncio.wait_for(proxy.wait_idle(), 10)
+    closed = [m for m in proxy_logs.messages if " closed by " in m]
+    assert len(closed) == 1
+    match = re.fullmatch(
+        rf"\[{re.escape(MAIN)}\] conn \d+ closed by (client|instance) after [\d.]+s \(closed\): "
+        r"(\d+) bytes from client, (\d+) bytes to client",
+        closed[0],
+    )
+    assert match, closed[0]
+    assert int(match.group(3)) > 100000
+    accepted = [m for m in proxy_logs.messages if " accepted from 127.0.0.1:" in m]
+    assert len(accepted) == 1
+
+
+async def test_a_stalled_client_does_not_make_the_proxy_buffer_the_result(
+    emulator: Emulator,
+) -> None:
+    """Back-pressure: while the client reads nothing, the proxy stops reading the instance."""
+    iam_user = emulator.account.iam_user
+    async with running_proxy(make_config(emulator, auto_iam_authn=True)) as proxy:
+        addr = proxy.addresses[0]
+        reader, writer = await asyncio.open_connection(addr.host, addr.port)
+        writer.write(startup_message({"user": iam_user, "database": "postgres"}))
+        await _read_until_ready(reader)
+        sql = b"SELECT repeat('x', 1000000) FROM generate_series(1, 60)\x00"
+        writer.write(b"Q" + struct.pack("!i", 4 + len(sql)) + sql)
+        await asyncio.sleep(1.5)  # the client reads nothing meanwhile
+        (session,) = proxy.sessions.values()
+        assert session.client.transport is not None
+        buffered = session.client.transport.get_write_buffer_size()
+        assert buffered < 2 * 1024 * 1024, buffered
+        total = await _read_until_ready(reader)
+        assert total > 60_000_000
+        writer.close()
+
+
+async def _read_until_ready(reader: asyncio.StreamReader) -> int:
+    """_read_until_ready reads backend messages up to ReadyForQuery; returns bytes read."""
+    total = 0
+    while True:
+        header = await reader.readexactly(5)
+        (length,) = struct.unpack("!i", header[1:])
+        await reader.readexactly(length - 4)
+        total += 1 + length
+        if header[:1] == b"E":
+            raise AssertionError("server sent an error")
+        if header[:1] == b"Z":
+            return total

@@ -22,7 +22,7 @@ from sqlproxy.emulator.auth import (
     ServiceAccount,
     TokenStore,
 )
-from sqlproxy.emulator.http import make_app
+from sqlproxy.emulator.http import AdminCall, make_app
 from sqlproxy.emulator.instance import EmulatedInstance, InstanceSettings
 from sqlproxy.emulator.postgres import LocalPostgres, PostgresTarget
 
@@ -85,7 +85,7 @@ class Emulator:
         self.tokens.add_account(self.account)
         self.vm = VirtualMachine(project=project, scopes=tuple(self.settings.vm_scopes))
         self.instances: dict[str, EmulatedInstance] = {}
-        self.admin_calls: list[tuple[str, str]] = []
+        self.admin_calls: list[AdminCall] = []
         self.iam_logins: list[str] = []
         self.cert_ttl = self.settings.cert_ttl
         self.token_ttl = self.settings.token_ttl

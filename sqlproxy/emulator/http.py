@@ -6,12 +6,23 @@ import asyncio
 import datetime
 import json
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
 from sqlproxy.emulator.auth import ADMIN_API_SCOPES, AuthError, TokenInfo
 from sqlproxy.emulator.certs import load_public_key, pem
+
+
+@dataclass(frozen=True, slots=True)
+class AdminCall:
+    """AdminCall records one Admin API request: method, instance and quota project."""
+
+    method: str
+    instance: str
+    quota_project: str | None
+
 
 if TYPE_CHECKING:
     from sqlproxy.emulator.core import Emulator
@@ -91,7 +102,9 @@ async def _admin_call(
     emu = request.app[EMULATOR_KEY]
     project = request.match_info["project"]
     name = request.match_info["instance"].split(":", 1)[0]
-    emu.admin_calls.append((method, f"{project}:{name}"))
+    emu.admin_calls.append(
+        AdminCall(method, f"{project}:{name}", request.headers.get("x-goog-user-project"))
+    )
     inst = emu.find_instance(project, name)
     if inst is not None and inst.faults.admin_delay:
         await asyncio.sleep(inst.faults.admin_delay)
