@@ -238,7 +238,7 @@ async def _read_until_ready(reader: asyncio.StreamReader) -> int:
     total = 0
     while True:
         header = await reader.readexactly(5)
-        (length,) = struct.unpack("!i", header[1:])
+        length = int.from_bytes(header[1:], "big")
         await reader.readexactly(length - 4)
         total += 1 + length
         if header[:1] == b"E":
