@@ -28,6 +28,7 @@ from collections.abc import AsyncIterator, Callable, Iterator  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from typing import Any  # noqa: E402
 
+import asyncpg  # noqa: E402
 import pytest  # noqa: E402
 import uvloop  # noqa: E402
 
@@ -101,6 +102,19 @@ def pg(emulator: Emulator) -> PG:
     target = emulator.postgres
     assert target is not None
     return PG(target.user, target.password, target.host, target.port)
+
+
+async def connect(pg: PG, host: str, port: int, **kwargs: Any) -> asyncpg.Connection:
+    """connect opens an asyncpg session as the superuser (through the proxy or not)."""
+    options: dict[str, Any] = {
+        "user": pg.user,
+        "password": pg.password,
+        "database": "postgres",
+        "ssl": False,
+        "timeout": 10,
+    }
+    options.update(kwargs)
+    return await asyncpg.connect(host=host, port=port, **options)
 
 
 def make_config(emulator: Emulator, *instances: str, **options: Any) -> Config:

@@ -4,19 +4,12 @@ from __future__ import annotations
 
 import asyncio
 
-import asyncpg
 import pytest
 
 from sqlproxy.emulator import Emulator
-from tests.conftest import MAIN, PG, make_config, running_proxy
+from tests.conftest import MAIN, PG, connect, make_config, running_proxy
 
 CERT_TTL = 3.0
-
-
-async def _connect(pg: PG, host: str, port: int) -> asyncpg.Connection:
-    return await asyncpg.connect(
-        host=host, port=port, user=pg.user, password=pg.password, database="postgres", ssl=False
-    )
 
 
 @pytest.mark.parametrize("lazy", [False, True], ids=["background", "lazy"])
@@ -27,14 +20,14 @@ async def test_sessions_outlive_their_certificate_and_new_ones_get_a_new_one(
     inst = emulator.instance(MAIN)
     async with running_proxy(make_config(emulator, lazy_refresh=lazy)) as proxy:
         addr = proxy.addresses[0]
-        first = await _connect(pg, addr.host, addr.port)
+        first = await connect(pg, addr.host, addr.port)
         try:
             first_cert = inst.records[-1].client_serial
             expiry = inst.issued[first_cert].expires
             await asyncio.sleep(CERT_TTL + 1)
             # The certificate that opened this session has expired; the session carries on.
             assert await first.fetchval("SELECT 'still here'") == "still here"
-            second = await _connect(pg, addr.host, addr.port)
+            second = await connect(pg, addr.host, addr.port)
             try:
                 assert await second.fetchval("SELECT 2") == 2
             finally:

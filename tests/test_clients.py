@@ -9,33 +9,20 @@ import os
 import re
 import struct
 
-import asyncpg
 import psycopg
 import pytest
 
 from sqlproxy.emulator import Emulator
 from sqlproxy.pgwire import startup_message
-from tests.conftest import MAIN, PG, make_config, running_proxy
+from tests.conftest import MAIN, PG, connect, make_config, running_proxy
 
 COPY_ROWS = 480_000  # ~54 MB of COPY text
-
-
-async def _connect(pg: PG, host: str, port: int, **kwargs: object) -> asyncpg.Connection:
-    return await asyncpg.connect(
-        host=host,
-        port=port,
-        user=pg.user,
-        password=pg.password,
-        database="postgres",
-        ssl=False,
-        **kwargs,
-    )
 
 
 async def test_asyncpg_runs_queries(emulator: Emulator, pg: PG) -> None:
     async with running_proxy(make_config(emulator)) as proxy:
         addr = proxy.addresses[0]
-        conn = await _connect(pg, addr.host, addr.port)
+        conn = await connect(pg, addr.host, addr.port)
         try:
             assert await conn.fetchval("SELECT 40 + 2") == 42
             assert await conn.fetchval("SHOW server_version_num") >= "150000"
@@ -85,7 +72,7 @@ async def test_psql_with_sslmode_disable(emulator: Emulator, pg: PG) -> None:
 
 async def test_copy_out_and_in_is_byte_exact(emulator: Emulator, pg: PG) -> None:
     query = f"SELECT g, repeat(md5(g::text), 3), g * 0.5 FROM generate_series(1, {COPY_ROWS}) g"
-    direct = await _connect(pg, pg.host, pg.port)
+    direct = await connect(pg, pg.host, pg.port)
     try:
         expected = io.BytesIO()
         await direct.copy_from_query(query, output=expected)
@@ -96,7 +83,7 @@ async def test_copy_out_and_in_is_byte_exact(emulator: Emulator, pg: PG) -> None
 
     async with running_proxy(make_config(emulator)) as proxy:
         addr = proxy.addresses[0]
-        conn = await _connect(pg, addr.host, addr.port)
+        conn = await connect(pg, addr.host, addr.port)
         try:
             got = io.BytesIO()
             await conn.copy_from_query(query, output=got)
@@ -117,7 +104,7 @@ async def test_hundred_concurrent_connections(emulator: Emulator, pg: PG) -> Non
         addr = proxy.addresses[0]
 
         async def work(i: int) -> int:
-            conn = await _connect(pg, addr.host, addr.port)
+            conn = await connect(pg, addr.host, addr.port)
             try:
                 await conn.execute("SELECT pg_sleep(0.2)")
                 return int(await conn.fetchval("SELECT $1::int * 2", i))
@@ -132,7 +119,7 @@ async def test_hundred_concurrent_connections(emulator: Emulator, pg: PG) -> Non
 async def test_prepared_statements_and_pipelining(emulator: Emulator, pg: PG) -> None:
     async with running_proxy(make_config(emulator)) as proxy:
         addr = proxy.addresses[0]
-        conn = await _connect(pg, addr.host, addr.port)
+        conn = await connect(pg, addr.host, addr.port)
         try:
             await conn.execute("CREATE TEMP TABLE kv (k int PRIMARY KEY, v text)")
             await conn.executemany(
@@ -168,7 +155,7 @@ def test_plain_asyncio_loop_also_relays(emulator: Emulator, pg: PG, loop: str) -
     async def main() -> int:
         async with running_proxy(config) as proxy:
             addr = proxy.addresses[0]
-            conn = await _connect(pg, addr.host, addr.port)
+            conn = await connect(pg, addr.host, addr.port)
             try:
                 return int(await conn.fetchval("SELECT count(*) FROM generate_series(1, 500)"))
             finally:
@@ -182,7 +169,7 @@ async def test_one_certificate_serves_many_connections(emulator: Emulator, pg: P
     async with running_proxy(make_config(emulator, quota_project="billing-project")) as proxy:
         addr = proxy.addresses[0]
         for _ in range(20):
-            conn = await _connect(pg, addr.host, addr.port)
+            conn = await connect(pg, addr.host, addr.port)
             await conn.close()
     calls = emulator.admin_calls[before:]
     assert [c.method for c in calls].count("GenerateEphemeralCert") == 1
@@ -194,7 +181,7 @@ async def test_close_line_names_side_and_bytes(
 ) -> None:
     async with running_proxy(make_config(emulator)) as proxy:
         addr = proxy.addresses[0]
-        conn = await _connect(pg, addr.host, addr.port)
+        conn = await connect(pg, addr.host, addr.port)
         await conn.fetchval("SELECT repeat('x', 100000)")
         await conn.close()
         await asyncio.wait_for(proxy.wait_idle(), 10)

@@ -8,7 +8,7 @@ import asyncpg
 import pytest
 
 from sqlproxy.emulator import Emulator, EmulatorThread
-from tests.conftest import FAULTY, MAIN, PG, make_config, running_proxy
+from tests.conftest import FAULTY, MAIN, PG, connect, make_config, running_proxy
 
 FAULTS: list[tuple[dict[str, Any], dict[str, Any], str]] = [
     ({"insufficient_scopes": True}, {}, "insufficient-scopes: Admin API answered 403"),
@@ -26,18 +26,6 @@ FAULTS: list[tuple[dict[str, Any], dict[str, Any], str]] = [
 ]
 
 
-async def _connect(pg: PG, host: str, port: int) -> asyncpg.Connection:
-    return await asyncpg.connect(
-        host=host,
-        port=port,
-        user=pg.user,
-        password=pg.password,
-        database="postgres",
-        ssl=False,
-        timeout=10,
-    )
-
-
 async def _assert_fails_and_others_work(
     emulator: Emulator,
     pg: PG,
@@ -51,12 +39,12 @@ async def _assert_fails_and_others_work(
         by_name = {a.instance: a for a in proxy.addresses}
         healthy = by_name[MAIN]
         bad = by_name[failing.partition("?")[0]]
-        session = await _connect(pg, healthy.host, healthy.port)
+        session = await connect(pg, healthy.host, healthy.port)
         try:
             with pytest.raises((ConnectionError, asyncpg.exceptions.ConnectionDoesNotExistError)):
-                await _connect(pg, bad.host, bad.port)
+                await connect(pg, bad.host, bad.port)
             assert await session.fetchval("SELECT 'open session unaffected'") is not None
-            other = await _connect(pg, healthy.host, healthy.port)
+            other = await connect(pg, healthy.host, healthy.port)
             assert await other.fetchval("SELECT 1") == 1
             await other.close()
         finally:
@@ -106,7 +94,7 @@ async def test_rejected_token(
     async with running_proxy(make_config(emulator, token="ya29.not-a-real-token")) as proxy:
         addr = proxy.addresses[0]
         with pytest.raises((ConnectionError, asyncpg.exceptions.ConnectionDoesNotExistError)):
-            await _connect(pg, addr.host, addr.port)
+            await connect(pg, addr.host, addr.port)
     assert "invalid-credentials: Admin API answered 401" in proxy_logs.text
     assert "ya29.not-a-real-token" not in proxy_logs.text
 
@@ -118,8 +106,8 @@ async def test_recovers_once_the_fault_is_cleared(
     async with running_proxy(make_config(emulator, FAULTY)) as proxy:
         addr = proxy.addresses[0]
         with pytest.raises((ConnectionError, asyncpg.exceptions.ConnectionDoesNotExistError)):
-            await _connect(pg, addr.host, addr.port)
+            await connect(pg, addr.host, addr.port)
         emulator_thread.set_faults(FAULTY, listener="up")
-        conn = await _connect(pg, addr.host, addr.port)
+        conn = await connect(pg, addr.host, addr.port)
         assert await conn.fetchval("SELECT 1") == 1
         await conn.close()

@@ -4,17 +4,14 @@ from __future__ import annotations
 
 import socket
 
-import asyncpg
 import pytest
 
 from sqlproxy.emulator import Emulator
-from tests.conftest import MAIN, PG, SECOND, make_config, running_proxy
+from tests.conftest import MAIN, PG, SECOND, connect, make_config, running_proxy
 
 
 async def _query_through(pg: PG, host: str, port: int) -> int:
-    conn = await asyncpg.connect(
-        host=host, port=port, user=pg.user, password=pg.password, database="postgres", ssl=False
-    )
+    conn = await connect(pg, host, port)
     try:
         return int(await conn.fetchval("SELECT 1"))
     finally:
