@@ -7,6 +7,7 @@ import hashlib
 import io
 import os
 import re
+import socket
 import struct
 
 import psycopg
@@ -232,3 +233,19 @@ async def _read_until_ready(reader: asyncio.StreamReader) -> int:
             raise AssertionError("server sent an error")
         if header[:1] == b"Z":
             return total
+
+
+async def test_nodelay_and_keepalive_on_both_legs(emulator: Emulator, pg: PG) -> None:
+    async with running_proxy(make_config(emulator)) as proxy:
+        addr = proxy.addresses[0]
+        conn = await connect(pg, addr.host, addr.port)
+        try:
+            (session,) = proxy.sessions.values()
+            for leg in (session.client, session.upstream):
+                assert leg is not None and leg.transport is not None
+                sock = leg.transport.get_extra_info("socket")
+                assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+                assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+                assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 30
+        finally:
+            await conn.close()

@@ -7,13 +7,23 @@ import os
 import shlex
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 
 import aiohttp
+import asyncpg
+import google.oauth2.credentials
+import pytest
+from google.cloud.sql.connector.client import CloudSQLClient
+from google.cloud.sql.connector.connection_name import _parse_connection_name
 
-from sqlproxy.emulator import Emulator
+from sqlproxy import Config, serve
+from sqlproxy.config import InstanceArg, resolve_instances
+from sqlproxy.dialer import _generate_keys
+from sqlproxy.emulator import Emulator, EmulatorSettings, InstanceSettings, PostgresTarget
 from sqlproxy.emulator.auth import GCE_DEFAULT_SCOPES
+from sqlproxy.pgwire import startup_message
 from tests.conftest import MAIN
 
 
@@ -157,3 +167,73 @@ async def test_expired_token_is_refused(emulator: Emulator) -> None:
         ) as resp,
     ):
         assert resp.status == 401
+
+
+async def test_listener_refuses_an_expired_client_certificate(emulator: Emulator) -> None:
+    creds = google.oauth2.credentials.Credentials(token=emulator.mint_token())  # type: ignore[no-untyped-call]
+    client = CloudSQLClient(emulator.url, None, creds, user_agent="test")
+    keys = asyncio.get_running_loop().create_task(asyncio.to_thread(_generate_keys))
+    emulator.cert_ttl = 1.0
+    try:
+        info = await client.get_connection_info(_parse_connection_name(MAIN), keys, False)
+    finally:
+        await client.close()
+    context = await info.create_ssl_context(False)
+    await asyncio.sleep(1.5)
+    inst = emulator.instance(MAIN)
+    before = len(inst.records)
+    address = inst.addresses["PRIMARY"]
+
+    async def handshake_and_read() -> bytes:
+        reader, writer = await asyncio.open_connection(
+            address, 3307, ssl=context, server_hostname=address
+        )
+        # TLS 1.3 checks the client certificate after the client's handshake finished.
+        writer.write(startup_message({"user": "postgres"}))
+        return await reader.readexactly(1)
+
+    with pytest.raises((ssl.SSLError, ConnectionError, asyncio.IncompleteReadError)):
+        await handshake_and_read()
+    record = inst.records[before]
+    assert not record.accepted
+    assert "expired" in record.error
+
+
+async def test_uses_an_existing_postgres_from_its_url(emulator: Emulator) -> None:
+    pg = emulator.postgres
+    assert pg is not None
+    name = "ext-proj:us-west1:external"
+    other = Emulator(
+        EmulatorSettings(
+            instances=[InstanceSettings(name)],
+            postgres=PostgresTarget.from_url(pg.url()),
+        )
+    )
+    await other.start()
+    try:
+        config = Config(
+            instances=resolve_instances(
+                [InstanceArg.parse(name)],
+                address="127.0.0.1",
+                port=0,
+                private_ip=False,
+                psc=False,
+                auto_iam_authn=False,
+            ),
+            credentials_file=str(other.key_file),
+            sqladmin_api_endpoint=other.url,
+        )
+        async with serve(config) as proxy:
+            addr = proxy.addresses[0]
+            conn = await asyncpg.connect(
+                host=addr.host,
+                port=addr.port,
+                user=pg.user,
+                password=pg.password,
+                database="postgres",
+                ssl=False,
+            )
+            assert await conn.fetchval("SHOW port") == str(pg.port)
+            await conn.close()
+    finally:
+        await other.stop()

@@ -111,3 +111,18 @@ async def test_recovers_once_the_fault_is_cleared(
         conn = await connect(pg, addr.host, addr.port)
         assert await conn.fetchval("SELECT 1") == 1
         await conn.close()
+
+
+async def test_a_dead_instance_does_not_hammer_the_admin_api(
+    emulator: Emulator, emulator_thread: EmulatorThread, pg: PG
+) -> None:
+    emulator_thread.set_faults(FAULTY, listener="refused")
+    before = len(emulator.admin_calls)
+    async with running_proxy(make_config(emulator, FAULTY)) as proxy:
+        addr = proxy.addresses[0]
+        for _ in range(30):
+            with pytest.raises((ConnectionError, asyncpg.exceptions.ConnectionDoesNotExistError)):
+                await connect(pg, addr.host, addr.port)
+    certs = [c for c in emulator.admin_calls[before:] if c.method == "GenerateEphemeralCert"]
+    # The first fetch, then forced refreshes spaced 1 s, 2 s, 4 s ... apart.
+    assert 1 <= len(certs) <= 3
