@@ -11,7 +11,11 @@ from urllib.parse import parse_qsl
 DEFAULT_ADDRESS = "127.0.0.1"
 DEFAULT_POSTGRES_PORT = 5432
 DEFAULT_DIAL_TIMEOUT = 30.0
+DEFAULT_STARTUP_TIMEOUT = 10.0
+# Below Convex's 30 s operation timeout, so a queued client still gets an answer in time.
+DEFAULT_MAX_WAIT = 15.0
 SERVER_PROXY_PORT = 3307
+PG_SOCKET_NAME = ".s.PGSQL.5432"
 
 # Same shape as the connector's and Go proxy's check: PROJECT (optionally domain-scoped,
 # "example.com:project"), REGION and INSTANCE, colon separated.
@@ -98,6 +102,9 @@ class InstanceArg:
     private_ip: bool | None = None
     psc: bool | None = None
     auto_iam_authn: bool | None = None
+    max_connections: int | None = None
+    unix_socket: str | None = None
+    unix_socket_path: str | None = None
 
     @classmethod
     def parse(cls, text: str) -> InstanceArg:
@@ -109,7 +116,16 @@ class InstanceArg:
             if key in values:
                 raise ConfigError(f'instance "{name}": query parameter "{key}" given twice')
             values[key] = value
-        known = {"port", "address", "private-ip", "psc", "auto-iam-authn"}
+        known = {
+            "port",
+            "address",
+            "private-ip",
+            "psc",
+            "auto-iam-authn",
+            "max-connections",
+            "unix-socket",
+            "unix-socket-path",
+        }
         unknown = sorted(set(values) - known)
         if unknown:
             raise ConfigError(
@@ -128,6 +144,20 @@ class InstanceArg:
         address = values.get("address")
         if address is not None:
             check_address(address)
+        max_conns: int | None = None
+        if "max-connections" in values:
+            max_conns = parse_count(values["max-connections"], f'"max-connections" of "{name}"')
+        unix_socket = values.get("unix-socket") or None
+        unix_socket_path = values.get("unix-socket-path") or None
+        if (unix_socket or unix_socket_path) and (port is not None or address is not None):
+            raise ConfigError(
+                f'instance "{name}": ?unix-socket/?unix-socket-path cannot be combined with '
+                "?port or ?address"
+            )
+        if unix_socket and unix_socket_path:
+            raise ConfigError(
+                f'instance "{name}": give ?unix-socket or ?unix-socket-path, not both'
+            )
         return cls(
             name=name,
             port=port,
@@ -135,7 +165,29 @@ class InstanceArg:
             private_ip=flag("private-ip"),
             psc=flag("psc"),
             auto_iam_authn=flag("auto-iam-authn"),
+            max_connections=max_conns,
+            unix_socket=unix_socket,
+            unix_socket_path=unix_socket_path,
         )
+
+
+def parse_count(text: str, what: str) -> int:
+    """parse_count reads a non-negative whole number (0 means no limit)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise ConfigError(f'invalid number "{text}" for {what}') from None
+    if value < 0:
+        raise ConfigError(f"invalid number {value} for {what}: must be 0 or more")
+    return value
+
+
+def unix_socket_file(path: str) -> str:
+    """unix_socket_file is where a ?unix-socket-path socket lives: the path itself when it
+    already ends in .s.PGSQL.5432 (as libpq expects), else that name inside the directory."""
+    if path.rstrip("/").endswith(PG_SOCKET_NAME):
+        return path.rstrip("/")
+    return f"{path.rstrip('/')}/{PG_SOCKET_NAME}"
 
 
 def parse_port(text: str, what: str) -> int:
@@ -169,10 +221,16 @@ class Instance:
     port: int
     ip_type: IPType
     auto_iam_authn: bool
+    # 0: no per-instance cap (the global --max-connections still applies).
+    max_connections: int = 0
+    # A Unix socket path to listen on instead of address:port.
+    unix_path: str | None = None
 
     @property
     def listen(self) -> str:
-        """listen is the "host:port" this instance's listener binds."""
+        """listen is where this instance's listener binds: "host:port" or a socket path."""
+        if self.unix_path:
+            return self.unix_path
         host = f"[{self.address}]" if ":" in self.address else self.address
         return f"{host}:{self.port}"
 
@@ -185,6 +243,7 @@ def resolve_instances(
     private_ip: bool,
     psc: bool,
     auto_iam_authn: bool,
+    unix_socket: str | None = None,
 ) -> tuple[Instance, ...]:
     """resolve_instances merges global flags into each instance, numbering ports like Go does.
 
@@ -200,7 +259,15 @@ def resolve_instances(
     resolved: list[Instance] = []
     seen: dict[str, str] = {}
     for arg in args:
-        if arg.port is not None:
+        unix_path: str | None = None
+        if arg.unix_socket_path:
+            unix_path = unix_socket_file(arg.unix_socket_path)
+        elif arg.unix_socket or (unix_socket and arg.port is None and arg.address is None):
+            unix_path = f"{(arg.unix_socket or unix_socket or '').rstrip('/')}/{arg.name}/"
+            unix_path += PG_SOCKET_NAME
+        if unix_path is not None:
+            inst_port = 0
+        elif arg.port is not None:
             inst_port = arg.port
         else:
             inst_port = next_port
@@ -219,12 +286,14 @@ def resolve_instances(
             port=inst_port,
             ip_type=ip_type,
             auto_iam_authn=auto_iam_authn if arg.auto_iam_authn is None else arg.auto_iam_authn,
+            max_connections=arg.max_connections or 0,
+            unix_path=unix_path,
         )
-        if inst.port != 0:
+        if inst.port != 0 or inst.unix_path:
             if inst.listen in seen:
                 raise ConfigError(
                     f'instances "{seen[inst.listen]}" and "{inst.name}" both want to listen on '
-                    f"{inst.listen}; give one of them ?port="
+                    f"{inst.listen}; give one of them ?port= or ?unix-socket-path="
                 )
             seen[inst.listen] = inst.name
         resolved.append(inst)
@@ -244,6 +313,18 @@ class Config:
     lazy_refresh: bool = False
     dial_timeout: float = DEFAULT_DIAL_TIMEOUT
     loop: str = "uvloop"
+    # Front door and admission.
+    startup_timeout: float = DEFAULT_STARTUP_TIMEOUT
+    max_connections: int = 0
+    max_wait: float = DEFAULT_MAX_WAIT
+    max_waiting: int = 0
+    idle_timeout: float = 0.0
+    # TLS between clients and sqlproxy (Google's proxy has none).
+    client_tls_cert: str | None = None
+    client_tls_key: str | None = None
+    client_tls_dir: str | None = None
+    client_tls_san: tuple[str, ...] = ()
+    client_tls_required: bool = False
 
     def __post_init__(self) -> None:
         if not self.instances:
@@ -271,6 +352,34 @@ class Config:
             raise ConfigError("--dial-timeout must be greater than zero")
         if self.loop not in ("uvloop", "asyncio"):
             raise ConfigError(f'invalid --loop "{self.loop}": use uvloop or asyncio')
+        if self.startup_timeout <= 0:
+            raise ConfigError("--startup-timeout must be greater than zero")
+        if (
+            min(self.max_connections, self.max_waiting) < 0
+            or min(self.max_wait, self.idle_timeout) < 0
+        ):
+            raise ConfigError(
+                "--max-connections, --max-wait, --max-waiting and --idle-timeout "
+                "must not be negative"
+            )
+        if bool(self.client_tls_cert) != bool(self.client_tls_key):
+            raise ConfigError("--client-tls-cert and --client-tls-key must be given together")
+        if self.client_tls_dir and self.client_tls_cert:
+            raise ConfigError(
+                "--client-tls-dir and --client-tls-cert/--client-tls-key cannot both be set; "
+                "choose generated or your own certificate"
+            )
+        if self.client_tls_san and not self.client_tls_dir:
+            raise ConfigError("--client-tls-san only applies with --client-tls-dir")
+        if self.client_tls_required and not self.client_tls:
+            raise ConfigError(
+                "--client-tls-required needs --client-tls-dir or --client-tls-cert/--client-tls-key"
+            )
+
+    @property
+    def client_tls(self) -> bool:
+        """client_tls is true when sqlproxy answers SSLRequest with 'S'."""
+        return bool(self.client_tls_dir or self.client_tls_cert)
 
     @property
     def admin_api_endpoint(self) -> str:

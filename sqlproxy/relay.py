@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import ssl
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -43,6 +44,7 @@ class Leg(asyncio.Protocol):
         "_on_lost",
         "_on_made",
         "_pending",
+        "_waiter",
         "closed",
         "nbytes",
         "peer",
@@ -65,6 +67,7 @@ class Leg(asyncio.Protocol):
         self._on_made = on_made
         self._pending = bytearray()
         self._forward: Callable[[bytes], None] | None = None
+        self._waiter: asyncio.Future[None] | None = None
 
     # -- asyncio callbacks --------------------------------------------------------------
 
@@ -83,8 +86,14 @@ class Leg(asyncio.Protocol):
             forward(data)
             return
         self._pending += data
+        self._wake()
         if len(self._pending) > PENDING_LIMIT and self.transport is not None:
             self.transport.pause_reading()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def eof_received(self) -> bool:
         # No half-close (as Google's proxy): an EOF from either side ends the session.
@@ -93,6 +102,7 @@ class Leg(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self._forward = None
+        self._wake()
         self._on_lost(self, exc)
 
     def pause_writing(self) -> None:
@@ -104,6 +114,44 @@ class Leg(asyncio.Protocol):
         peer = self.peer
         if peer is not None and peer.transport is not None and not peer.closed:
             peer.transport.resume_reading()
+
+    # -- used by the front door, before the link ---------------------------------------
+
+    async def read_exactly(self, n: int) -> bytes:
+        """read_exactly returns the next n bytes the peer sent, or raises ConnectionError."""
+        while len(self._pending) < n:
+            if self.closed:
+                raise ConnectionResetError("the client closed the connection")
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        data = bytes(self._pending[:n])
+        del self._pending[:n]
+        return data
+
+    @property
+    def has_pending(self) -> bool:
+        """has_pending is true when bytes arrived that nothing has read yet."""
+        return bool(self._pending)
+
+    def write(self, data: bytes) -> None:
+        """write sends bytes to this leg's peer (front-door answers and errors)."""
+        if self.transport is not None and not self.closed:
+            self.transport.write(data)
+
+    async def start_tls(self, context: ssl.SSLContext, timeout: float) -> None:
+        """start_tls upgrades this (server-side) leg to TLS; later reads are decrypted."""
+        assert self.transport is not None
+        loop = asyncio.get_running_loop()
+        transport = await loop.start_tls(
+            self.transport, self, context, server_side=True, ssl_handshake_timeout=timeout
+        )
+        if transport is None:
+            raise ConnectionResetError("the client closed the connection during TLS")
+        self.transport = transport
+        self.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
 
     # -- used by the session ------------------------------------------------------------
 

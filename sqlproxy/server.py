@@ -10,11 +10,15 @@ import os
 import time
 from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+from sqlproxy import client_tls
 from sqlproxy.config import Config, Instance
-from sqlproxy.dialer import CloudSQLDialer, Dialer, DialError, load_credentials
-from sqlproxy.relay import Leg, link, peer_name
+from sqlproxy.dialer import CloudSQLDialer, Dialer, load_credentials
+from sqlproxy.limits import Admission
+from sqlproxy.relay import Leg
+from sqlproxy.session import Session
 
 logger = logging.getLogger(__name__)
 
@@ -30,114 +34,24 @@ class BoundAddress:
     port: int
 
 
-class Session:
-    """Session is one client connection relayed to one instance, from accept to close."""
-
-    __slots__ = (
-        "_dial_task",
-        "_server",
-        "client",
-        "client_address",
-        "done",
-        "ended_by",
-        "id",
-        "instance",
-        "reason",
-        "started",
-        "upstream",
-    )
-
-    def __init__(self, server: ProxyServer, session_id: int, instance: Instance) -> None:
-        self._server = server
-        self.id = session_id
-        self.instance = instance
-        self.started = time.monotonic()
-        self.client = Leg("client", self._leg_lost, on_made=self._accepted)
-        self.upstream: Leg | None = None
-        self.client_address = "?"
-        self.ended_by: str | None = None
-        self.reason = ""
-        self.done = False
-        self._dial_task: asyncio.Task[None] | None = None
-
-    def _accepted(self, _leg: Leg) -> None:
-        """_accepted logs the new connection and starts dialling the instance."""
-        assert self.client.transport is not None
-        self.client_address = peer_name(self.client.transport)
-        logger.info(
-            "[%s] conn %d accepted from %s", self.instance.name, self.id, self.client_address
-        )
-        self._dial_task = self._server.spawn(self._connect())
-
-    async def _connect(self) -> None:
-        upstream = Leg("instance", self._leg_lost)
-        try:
-            await self._server.dialer.dial(self.instance, lambda: upstream)
-        except DialError as err:
-            logger.error("[%s] conn %d %s", self.instance.name, self.id, err)
-            self._end("sqlproxy", f"dial failed: {err.cause.value}")
-            self.client.abort()
-            return
-        if self.client.closed:
-            # The client left while we were dialling.
-            upstream.close()
-            return
-        self.upstream = upstream
-        link(self.client, upstream)
-
-    def _end(self, by: str, reason: str) -> None:
-        if self.ended_by is None:
-            self.ended_by = by
-            self.reason = reason
-
-    def _leg_lost(self, leg: Leg, exc: Exception | None) -> None:
-        reason = f"{type(exc).__name__}: {exc}" if exc else "closed"
-        self._end(leg.side, reason)
-        other = self.upstream if leg is self.client else self.client
-        if other is not None:
-            other.close()
-        if leg is self.client and self._dial_task is not None and not self._dial_task.done():
-            self._dial_task.cancel()
-        if self.client.closed and (self.upstream is None or self.upstream.closed):
-            self._finish()
-
-    def _finish(self) -> None:
-        if self.done:
-            return
-        self.done = True
-        duration = time.monotonic() - self.started
-        to_client = self.upstream.nbytes if self.upstream else 0
-        logger.info(
-            "[%s] conn %d closed by %s after %.3fs (%s): %d bytes from client, %d bytes to client",
-            self.instance.name,
-            self.id,
-            self.ended_by or "sqlproxy",
-            duration,
-            self.reason or "closed",
-            self.client.nbytes,
-            to_client,
-        )
-        self._server.session_finished(self)
-
-    def abort(self, reason: str) -> None:
-        """abort ends the session at once from the proxy's side."""
-        self._end("sqlproxy", reason)
-        if self._dial_task is not None and not self._dial_task.done():
-            self._dial_task.cancel()
-        self.client.abort()
-        if self.upstream is not None:
-            self.upstream.abort()
-
-
 class ProxyServer:
     """ProxyServer owns the listeners, the open sessions and the tasks that dial for them."""
 
     def __init__(self, config: Config, dialer: Dialer) -> None:
         self.config = config
         self.dialer = dialer
+        self.admission = Admission(
+            max_connections=config.max_connections,
+            per_instance={i.name: i.max_connections for i in config.instances},
+            max_wait=config.max_wait,
+            max_waiting=config.max_waiting,
+        )
+        self.client_tls = client_tls.server_context(config)
+        self.cancels = 0
         self.sessions: dict[int, Session] = {}
         self.addresses: list[BoundAddress] = []
-        self._servers: list[asyncio.Server] = []
+        self._servers: list[asyncio.AbstractServer] = []
+        self._unix_paths: list[Path] = []
         self._tasks: set[asyncio.Task[None]] = set()
         self._ids = itertools.count(1)
         self._idle = asyncio.Event()
@@ -152,26 +66,60 @@ class ProxyServer:
 
     async def start(self) -> None:
         """start binds every instance's listener; any failure closes those already bound."""
-        loop = asyncio.get_running_loop()
         try:
             for inst in self.config.instances:
-                server = await loop.create_server(
-                    lambda inst=inst: self._accept(inst),  # type: ignore[misc]
-                    inst.address,
-                    inst.port,
-                    backlog=LISTEN_BACKLOG,
-                    reuse_address=True,
-                )
-                self._servers.append(server)
-                for sock in server.sockets:
-                    host, port = sock.getsockname()[:2]
-                    self.addresses.append(BoundAddress(inst.name, host, port))
-                    logger.info("[%s] listening on %s", inst.name, _hostport(host, port))
+                await self._listen(inst)
         except OSError as exc:
             await self.close()
             reason = os.strerror(exc.errno) if exc.errno else str(exc)
             raise OSError(f"cannot listen on {inst.listen}: {reason}") from None
+        if self.config.idle_timeout:
+            self.spawn(self._sweep_idle(self.config.idle_timeout))
         logger.info("the proxy has started successfully and is ready for new connections")
+
+    async def _listen(self, inst: Instance) -> None:
+        loop = asyncio.get_running_loop()
+
+        def factory() -> Leg:
+            return self._accept(inst)
+
+        if inst.unix_path:
+            path = Path(inst.unix_path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if path.is_socket():
+                path.unlink()  # left behind by a proxy that did not shut down cleanly
+            server = await loop.create_unix_server(factory, str(path), backlog=LISTEN_BACKLOG)
+            # As Google's proxy: any local user may connect; the database authenticates.
+            path.chmod(0o777)
+            self._unix_paths.append(path)
+            self._servers.append(server)
+            self.addresses.append(BoundAddress(inst.name, str(path), 0))
+            logger.info("[%s] listening on %s", inst.name, path)
+            return
+        server = await loop.create_server(
+            factory, inst.address, inst.port, backlog=LISTEN_BACKLOG, reuse_address=True
+        )
+        self._servers.append(server)
+        for sock in server.sockets:
+            host, port = sock.getsockname()[:2]
+            self.addresses.append(BoundAddress(inst.name, host, port))
+            logger.info("[%s] listening on %s", inst.name, _hostport(host, port))
+
+    async def _sweep_idle(self, timeout: float) -> None:
+        """_sweep_idle ends sessions that moved no bytes for --idle-timeout."""
+        interval = min(max(timeout / 4, 0.05), 1.0)
+        while True:
+            await asyncio.sleep(interval)
+            now = time.monotonic()
+            for session in list(self.sessions.values()):
+                if not session.relaying:
+                    continue
+                total = session.bytes_total
+                if total != session.idle_mark:
+                    session.idle_mark = total
+                    session.idle_since = now
+                elif now - session.idle_since >= timeout:
+                    session.end_idle(now - session.idle_since)
 
     def _accept(self, instance: Instance) -> Leg:
         session = Session(self, next(self._ids), instance)
@@ -202,6 +150,8 @@ class ProxyServer:
         for server in self._servers:
             await server.wait_closed()
         self._servers.clear()
+        for path in self._unix_paths:
+            path.unlink(missing_ok=True)
         await self.dialer.close()
 
 

@@ -195,8 +195,9 @@ async def test_close_line_names_side_and_bytes(
     )
     assert match, closed[0]
     assert int(match.group(3)) > 100000
-    accepted = [m for m in proxy_logs.messages if " accepted from 127.0.0.1:" in m]
-    assert len(accepted) == 1
+    opened = [m for m in proxy_logs.messages if " opened from 127.0.0.1:" in m]
+    assert len(opened) == 1
+    assert "(user=postgres database=postgres application=- tls=no)" in opened[0]
 
 
 async def test_a_stalled_client_does_not_make_the_proxy_buffer_the_result(

@@ -59,13 +59,14 @@ async def test_vm_without_cloud_sql_scope_gets_insufficient_scopes(
     try:
         async with running_proxy(make_config(emulator, credentials_file=None)) as proxy:
             addr = proxy.addresses[0]
-            with pytest.raises((ConnectionError, asyncpg.exceptions.ConnectionDoesNotExistError)):
+            with pytest.raises(asyncpg.exceptions.ClientCannotConnectError) as refused:
                 await _current_user(addr.host, addr.port, pg.user, pg.password)
     finally:
         emulator.vm.scopes = saved
     assert (
         "insufficient-scopes: Admin API answered 403 Request had insufficient " in proxy_logs.text
     )
+    assert "--scopes=cloud-platform" in str(refused.value.hint)
 
 
 async def test_auto_iam_authn_logs_in_the_service_account_without_password(

@@ -41,8 +41,14 @@ async def _assert_fails_and_others_work(
         bad = by_name[failing.partition("?")[0]]
         session = await connect(pg, healthy.host, healthy.port)
         try:
-            with pytest.raises((ConnectionError, asyncpg.exceptions.ConnectionDoesNotExistError)):
+            with pytest.raises(asyncpg.exceptions.ClientCannotConnectError) as refused:
                 await connect(pg, bad.host, bad.port)
+            # The client sees the cause and what to do, as a PostgreSQL FATAL error.
+            assert f"sqlproxy: cannot connect to instance {bad.instance}: {expected}" in str(
+                refused.value
+            )
+            assert refused.value.sqlstate == "08001"
+            assert refused.value.hint
             assert await session.fetchval("SELECT 'open session unaffected'") is not None
             other = await connect(pg, healthy.host, healthy.port)
             assert await other.fetchval("SELECT 1") == 1
@@ -93,7 +99,7 @@ async def test_rejected_token(
 ) -> None:
     async with running_proxy(make_config(emulator, token="ya29.not-a-real-token")) as proxy:
         addr = proxy.addresses[0]
-        with pytest.raises((ConnectionError, asyncpg.exceptions.ConnectionDoesNotExistError)):
+        with pytest.raises(asyncpg.exceptions.ClientCannotConnectError, match="401"):
             await connect(pg, addr.host, addr.port)
     assert "invalid-credentials: Admin API answered 401" in proxy_logs.text
     assert "ya29.not-a-real-token" not in proxy_logs.text
@@ -105,7 +111,7 @@ async def test_recovers_once_the_fault_is_cleared(
     emulator_thread.set_faults(FAULTY, listener="refused")
     async with running_proxy(make_config(emulator, FAULTY)) as proxy:
         addr = proxy.addresses[0]
-        with pytest.raises((ConnectionError, asyncpg.exceptions.ConnectionDoesNotExistError)):
+        with pytest.raises(asyncpg.exceptions.ClientCannotConnectError, match="refused"):
             await connect(pg, addr.host, addr.port)
         emulator_thread.set_faults(FAULTY, listener="up")
         conn = await connect(pg, addr.host, addr.port)
@@ -121,7 +127,7 @@ async def test_a_dead_instance_does_not_hammer_the_admin_api(
     async with running_proxy(make_config(emulator, FAULTY)) as proxy:
         addr = proxy.addresses[0]
         for _ in range(30):
-            with pytest.raises((ConnectionError, asyncpg.exceptions.ConnectionDoesNotExistError)):
+            with pytest.raises(asyncpg.exceptions.ClientCannotConnectError):
                 await connect(pg, addr.host, addr.port)
     certs = [c for c in emulator.admin_calls[before:] if c.method == "GenerateEphemeralCert"]
     # The first fetch, then forced refreshes spaced 1 s, 2 s, 4 s ... apart.

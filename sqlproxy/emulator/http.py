@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from sqlproxy.certs import load_public_key, pem
 from sqlproxy.emulator.auth import ADMIN_API_SCOPES, AuthError, TokenInfo
-from sqlproxy.emulator.certs import load_public_key, pem
 
 
 @dataclass(frozen=True, slots=True)

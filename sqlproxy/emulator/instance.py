@@ -16,8 +16,8 @@ from typing import Any
 
 from cryptography import x509
 
+from sqlproxy.certs import Authority, pem, server_context
 from sqlproxy.config import SERVER_PROXY_PORT
-from sqlproxy.emulator.certs import Authority, pem, server_context
 from sqlproxy.emulator.postgres import PostgresTarget
 from sqlproxy.pgwire import (
     CANCEL_REQUEST,
@@ -113,6 +113,8 @@ def _bind_3307(ip: str | None) -> tuple[str, socket.socket]:
     for _ in range(200):
         addr = ip or _random_loopback()
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        # Rebinding after a "refused" fault must work while old connections sit in TIME_WAIT.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((addr, SERVER_PROXY_PORT))
             sock.listen(1024)

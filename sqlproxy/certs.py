@@ -1,4 +1,4 @@
-"""Certificates for the emulator: an instance CA, its server certificate, ephemeral certs."""
+"""Certificates: a small CA that issues server and client certificates (emulator, client TLS)."""
 
 from __future__ import annotations
 
@@ -86,6 +86,14 @@ class Authority:
             .sign(key, hashes.SHA256())
         )
         return cls(key, cert)
+
+    @classmethod
+    def load(cls, cert_pem: bytes, key_pem: bytes) -> Authority:
+        """load reads a CA back from its PEM certificate and key."""
+        key = serialization.load_pem_private_key(key_pem, password=None)
+        if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
+            raise ValueError("unsupported CA key type")
+        return cls(key, x509.load_pem_x509_certificate(cert_pem))
 
     def issue(
         self,
