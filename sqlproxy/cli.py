@@ -14,6 +14,8 @@ from sqlproxy import __version__, logs
 from sqlproxy.config import (
     DEFAULT_ADDRESS,
     DEFAULT_DIAL_TIMEOUT,
+    DEFAULT_MAX_WAIT,
+    DEFAULT_STARTUP_TIMEOUT,
     Config,
     ConfigError,
     InstanceArg,
@@ -69,10 +71,17 @@ def instances_from_env() -> list[str]:
     return found
 
 
-def build_config(instances: Sequence[str], opts: dict[str, Any]) -> Config:
-    """build_config checks the flags together and makes the frozen Config."""
+def build_config(
+    instances: Sequence[str], opts: dict[str, Any], explicit: frozenset[str] = frozenset()
+) -> Config:
+    """build_config checks the flags together and makes the frozen Config.
+
+    ``explicit`` names the options the user set (flag or environment), not defaulted.
+    """
     names = list(instances) or instances_from_env()
     check_address(opts["address"])
+    if opts["unix_socket"] and explicit & {"address", "port"}:
+        raise ConfigError("--unix-socket cannot be combined with --address or --port")
     resolved = resolve_instances(
         [InstanceArg.parse(n) for n in names],
         address=opts["address"],
@@ -80,6 +89,7 @@ def build_config(instances: Sequence[str], opts: dict[str, Any]) -> Config:
         private_ip=opts["private_ip"],
         psc=opts["psc"],
         auto_iam_authn=opts["auto_iam_authn"],
+        unix_socket=opts["unix_socket"],
     )
     return Config(
         instances=resolved,
@@ -91,6 +101,16 @@ def build_config(instances: Sequence[str], opts: dict[str, Any]) -> Config:
         lazy_refresh=opts["lazy_refresh"],
         dial_timeout=opts["dial_timeout"],
         loop=opts["loop"],
+        startup_timeout=opts["startup_timeout"],
+        max_connections=opts["max_connections"],
+        max_wait=opts["max_wait"],
+        max_waiting=opts["max_waiting"],
+        idle_timeout=opts["idle_timeout"],
+        client_tls_cert=opts["client_tls_cert"],
+        client_tls_key=opts["client_tls_key"],
+        client_tls_dir=opts["client_tls_dir"],
+        client_tls_san=tuple(opts["client_tls_san"]),
+        client_tls_required=opts["client_tls_required"],
     )
 
 
@@ -159,6 +179,67 @@ Other commands:
     show_default=True,
     help="Event loop implementation.",
 )
+@flag_option(
+    "unix-socket",
+    "-u",
+    type=click.Path(file_okay=False),
+    help="Listen on DIR/<instance>/.s.PGSQL.5432 instead of TCP.",
+)
+@flag_option(
+    "max-connections",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Sessions open at once across all instances (0: no limit). Per instance: "
+    "?max-connections=N.",
+)
+@flag_option(
+    "max-wait",
+    type=Duration(),
+    default=DEFAULT_MAX_WAIT,
+    show_default=True,
+    help="How long a client waits for a free slot before SQLSTATE 53300 (0: refuse at once).",
+)
+@flag_option(
+    "max-waiting",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Clients that may wait at once (0: no limit).",
+)
+@flag_option(
+    "idle-timeout",
+    type=Duration(),
+    default=0.0,
+    help="End sessions with no traffic either way for this long (SQLSTATE 57P05) [default: off].",
+)
+@flag_option(
+    "startup-timeout",
+    type=Duration(),
+    default=DEFAULT_STARTUP_TIMEOUT,
+    show_default=True,
+    help="Time a new client has to send its startup packet.",
+)
+@flag_option(
+    "client-tls-cert",
+    type=click.Path(dir_okay=False),
+    help="Certificate (PEM chain) sqlproxy presents to clients that ask for TLS.",
+)
+@flag_option("client-tls-key", type=click.Path(dir_okay=False), help="Its private key.")
+@flag_option(
+    "client-tls-dir",
+    type=click.Path(file_okay=False),
+    help="Generate (once) and reuse a CA and server certificate in DIR for client TLS; "
+    "clients trust DIR/ca.pem.",
+)
+@flag_option(
+    "client-tls-san",
+    multiple=True,
+    help="Extra host name or IP for the generated certificate (repeatable).",
+)
+@flag_option(
+    "client-tls-required", is_flag=True, help="Refuse clients that do not use TLS (SQLSTATE 28000)."
+)
 @flag_option("debug-logs", is_flag=True, help="Log debug lines too.")
 @flag_option("quiet", is_flag=True, help="Log errors only.")
 @click.version_option(__version__, "-v", "--version", prog_name="sqlproxy")
@@ -166,9 +247,17 @@ def proxy_command(instances: tuple[str, ...], **opts: Any) -> None:
     """Relay PostgreSQL clients to Cloud SQL instances over mutual TLS.
 
     Each INSTANCE_CONNECTION_NAME (PROJECT:REGION:INSTANCE, optionally with
-    ?port=, ?address=, ?private-ip=, ?psc=, ?auto-iam-authn=) gets its own listener.
+    ?port=, ?address=, ?private-ip=, ?psc=, ?auto-iam-authn=, ?max-connections=,
+    ?unix-socket=, ?unix-socket-path=) gets its own listener.
     """
-    config = build_config(instances, opts)
+    ctx = click.get_current_context()
+    explicit = frozenset(
+        name
+        for name in opts
+        if ctx.get_parameter_source(name)
+        in (click.core.ParameterSource.COMMANDLINE, click.core.ParameterSource.ENVIRONMENT)
+    )
+    config = build_config(instances, opts, explicit)
     logs.configure(debug=opts["debug_logs"], quiet=opts["quiet"])
     sys.exit(run_until_signal(config.loop, lambda stop: _serve(config, stop)))
 
