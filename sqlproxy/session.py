@@ -231,11 +231,11 @@ class Session:
 
     def end_idle(self, idle_for: float) -> None:
         """end_idle ends a session that moved no bytes for --idle-timeout (SQLSTATE 57P05)."""
-        self._end("sqlproxy", f"idle for {idle_for:.0f}s")
+        self._end("sqlproxy", f"idle for {idle_for:.1f}s")
         self.client.write(
             error_response(
                 IDLE_SESSION_TIMEOUT,
-                f"sqlproxy: terminating connection after {idle_for:.0f} s without traffic",
+                f"sqlproxy: terminating connection after {idle_for:.1f} s without traffic",
                 hint="Raise --idle-timeout, or let the client pool close idle connections sooner.",
             )
         )
