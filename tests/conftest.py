@@ -125,6 +125,7 @@ def make_config(emulator: Emulator, *instances: str, **options: Any) -> Config:
         "private_ip": False,
         "psc": False,
         "auto_iam_authn": False,
+        "unix_socket": None,
     }
     for key in list(options):
         if key in flags:
