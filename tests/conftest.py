@@ -83,6 +83,7 @@ def emulator(emulator_thread: EmulatorThread) -> Iterator[Emulator]:
             listener="up",
             admin_5xx=False,
             admin_delay=0.0,
+            wrong_server_ca=False,
         )
 
 

@@ -23,6 +23,7 @@ FAULTS: list[tuple[dict[str, Any], dict[str, Any], str]] = [
     ({"listener": "blackhole"}, {"dial_timeout": 1.0}, "timeout: timed out after 1s in the TLS"),
     ({"admin_5xx": True}, {"dial_timeout": 1.5}, "admin-api-error"),
     ({"admin_delay": 3.0}, {"dial_timeout": 1.0}, "admin-api-error: the Admin API did not answer"),
+    ({"wrong_server_ca": True}, {}, "tls-error: TLS handshake failed: CERTIFICATE_VERIFY_FAILED"),
 ]
 
 

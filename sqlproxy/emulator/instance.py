@@ -50,6 +50,9 @@ class Faults:
     admin_5xx: bool = False
     # Admin API waits this many seconds before answering.
     admin_delay: float = 0.0
+    # The listener presents a server certificate from a CA the Admin API does not report,
+    # so the client's TLS handshake fails (as after a server CA rotation gone wrong).
+    wrong_server_ca: bool = False
 
     def update(self, changes: dict[str, Any]) -> None:
         """update applies {"name": value} changes, checking names and types."""
@@ -161,6 +164,9 @@ class EmulatedInstance:
         self._ssl = server_context(
             self.authority, self._server_key, self._server_cert, require_client_cert=True
         )
+        rogue = Authority.create("Unexpected CA")
+        rogue_key, rogue_cert = rogue.server_identity(f"{project}:{name}")
+        self._rogue_ssl = server_context(rogue, rogue_key, rogue_cert, require_client_cert=False)
         self.addresses: dict[str, str] = {}
         self._sockets: dict[str, socket.socket] = {}
         self._servers: dict[str, asyncio.Server] = {}
@@ -261,7 +267,7 @@ class EmulatedInstance:
             return
         address = writer.get_extra_info("sockname")[0]
         try:
-            await writer.start_tls(self._ssl)
+            await writer.start_tls(self._rogue_ssl if self.faults.wrong_server_ca else self._ssl)
         except (ssl.SSLError, OSError) as exc:
             self._record(ip_type, address, None, None, accepted=False, error=str(exc))
             return
