@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn, TypeVar
@@ -13,7 +11,10 @@ import click
 from sqlproxy import __version__, logs
 from sqlproxy.config import (
     DEFAULT_ADDRESS,
+    DEFAULT_ADMIN_PORT,
     DEFAULT_DIAL_TIMEOUT,
+    DEFAULT_HTTP_ADDRESS,
+    DEFAULT_HTTP_PORT,
     DEFAULT_MAX_WAIT,
     DEFAULT_STARTUP_TIMEOUT,
     Config,
@@ -23,13 +24,22 @@ from sqlproxy.config import (
     parse_duration,
     resolve_instances,
 )
+from sqlproxy.configfile import (
+    env_conflicts,
+    env_names,
+    find_config_file,
+    instances_from_env,
+    load_config_file,
+    split_file_config,
+)
 from sqlproxy.demo import demo_command
 from sqlproxy.emulator.cli import emulator_command
-from sqlproxy.runner import EXIT_SIGINT, run_until_signal
-from sqlproxy.server import serve
+from sqlproxy.probes import healthcheck_command, shutdown_command, wait_command
+from sqlproxy.runner import EXIT_ERROR, EXIT_SIGINT, run_until_signal
+from sqlproxy.server import run
 
-ENV_PREFIX = "CSQL_PROXY_"
-EXIT_CONFIG = 1
+# Set when a --config-file is in use: (its default_map, its instances).
+_FILE_INSTANCES: list[str] = []
 
 FC = TypeVar("FC", bound=Callable[..., Any])
 
@@ -50,25 +60,14 @@ class Duration(click.ParamType[float, Any]):
             self.fail(str(exc), param, ctx)
 
 
-def _env(flag: str) -> str:
-    return ENV_PREFIX + flag.upper().replace("-", "_")
+FLAGS: list[str] = []
 
 
 def flag_option(name: str, *decls: str, **kwargs: Any) -> Callable[[FC], FC]:
-    """flag_option declares --name, also read from CSQL_PROXY_NAME like Google's proxy."""
+    """flag_option declares --name, also read from CSQL_PROXY_NAME (Google's) or SQLPROXY_NAME."""
+    FLAGS.append(name)
     kwargs.setdefault("show_envvar", True)
-    return click.option(f"--{name}", *decls, envvar=_env(name), **kwargs)
-
-
-def instances_from_env() -> list[str]:
-    """instances_from_env reads CSQL_PROXY_INSTANCE_CONNECTION_NAME, or _0, _1, ... in order."""
-    single = os.environ.get(_env("instance-connection-name"))
-    if single:
-        return [single]
-    found: list[str] = []
-    while value := os.environ.get(f"{_env('instance-connection-name')}_{len(found)}"):
-        found.append(value)
-    return found
+    return click.option(f"--{name}", *decls, envvar=env_names(name), **kwargs)
 
 
 def build_config(
@@ -76,9 +75,10 @@ def build_config(
 ) -> Config:
     """build_config checks the flags together and makes the frozen Config.
 
-    ``explicit`` names the options the user set (flag or environment), not defaulted.
+    ``explicit`` names the options the user set (flag, environment or file), not defaulted.
+    Instances come from the arguments, else the environment, else the config file.
     """
-    names = list(instances) or instances_from_env()
+    names = list(instances) or instances_from_env() or list(_FILE_INSTANCES)
     check_address(opts["address"])
     if opts["unix_socket"] and explicit & {"address", "port"}:
         raise ConfigError("--unix-socket cannot be combined with --address or --port")
@@ -111,14 +111,28 @@ def build_config(
         client_tls_dir=opts["client_tls_dir"],
         client_tls_san=tuple(opts["client_tls_san"]),
         client_tls_required=opts["client_tls_required"],
+        health_check=opts["health_check"],
+        http_address=opts["http_address"],
+        http_port=opts["http_port"],
+        prometheus=opts["prometheus"],
+        prometheus_namespace=opts["prometheus_namespace"],
+        quitquitquit=opts["quitquitquit"],
+        admin_port=opts["admin_port"],
+        min_sigterm_delay=opts["min_sigterm_delay"],
+        max_sigterm_delay=opts["max_sigterm_delay"],
+        exit_zero_on_sigterm=opts["exit_zero_on_sigterm"],
+        run_connection_test=opts["run_connection_test"],
     )
 
 
 SUBCOMMANDS_HELP = """
 \b
 Other commands:
-  sqlproxy emulator   run a local Cloud SQL emulator (Admin API, instances, OAuth, metadata)
-  sqlproxy demo       emulator + PostgreSQL + sqlproxy, and the psql line to try it
+  sqlproxy emulator     run a local Cloud SQL emulator (Admin API, instances, OAuth, metadata)
+  sqlproxy demo         emulator + PostgreSQL + sqlproxy, and the psql line to try it
+  sqlproxy wait         wait until a proxy's /startup answers 200
+  sqlproxy healthcheck  exit 0/1 from a proxy's /readiness (or --probe liveness)
+  sqlproxy shutdown     ask a proxy started with --quitquitquit to shut down
 """
 
 
@@ -240,6 +254,68 @@ Other commands:
 @flag_option(
     "client-tls-required", is_flag=True, help="Refuse clients that do not use TLS (SQLSTATE 28000)."
 )
+@flag_option(
+    "health-check",
+    is_flag=True,
+    help="Serve /startup, /liveness and /readiness on --http-address:--http-port.",
+)
+@flag_option(
+    "http-address",
+    default=DEFAULT_HTTP_ADDRESS,
+    show_default=True,
+    help="Address of the health and metrics server.",
+)
+@flag_option(
+    "http-port",
+    type=click.IntRange(0, 65535),
+    default=DEFAULT_HTTP_PORT,
+    show_default=True,
+    help="Port of the health and metrics server.",
+)
+@flag_option("prometheus", is_flag=True, help="Serve Prometheus metrics on /metrics.")
+@flag_option("prometheus-namespace", default="", help="Metric name prefix instead of sqlproxy_.")
+@flag_option(
+    "quitquitquit",
+    is_flag=True,
+    help="Serve POST /quitquitquit on localhost:--admin-port to shut down.",
+)
+@flag_option(
+    "admin-port",
+    type=click.IntRange(0, 65535),
+    default=DEFAULT_ADMIN_PORT,
+    show_default=True,
+    help="Port of the admin server.",
+)
+@flag_option(
+    "min-sigterm-delay",
+    type=Duration(),
+    default=0.0,
+    help="After SIGTERM, keep accepting new connections this long.",
+)
+@flag_option(
+    "max-sigterm-delay",
+    type=Duration(),
+    default=0.0,
+    help="Then wait this long for open connections to finish before closing them "
+    "(exit 1 if some were still open).",
+)
+@flag_option("exit-zero-on-sigterm", is_flag=True, help="Exit 0 instead of 143 on SIGTERM.")
+@flag_option(
+    "run-connection-test",
+    is_flag=True,
+    help="Dial every instance before serving; exit 1 if one fails.",
+)
+@flag_option(
+    "config-file",
+    type=click.Path(dir_okay=False),
+    help="TOML, YAML or JSON file with flag names as keys (flags > environment > file).",
+)
+@flag_option(
+    "structured-logs",
+    "-l",
+    is_flag=True,
+    help="Log JSON lines (severity, message, timestamp, connection fields).",
+)
 @flag_option("debug-logs", is_flag=True, help="Log debug lines too.")
 @flag_option("quiet", is_flag=True, help="Log errors only.")
 @click.version_option(__version__, "-v", "--version", prog_name="sqlproxy")
@@ -251,29 +327,46 @@ def proxy_command(instances: tuple[str, ...], **opts: Any) -> None:
     ?unix-socket=, ?unix-socket-path=) gets its own listener.
     """
     ctx = click.get_current_context()
+    source = click.core.ParameterSource
     explicit = frozenset(
         name
         for name in opts
         if ctx.get_parameter_source(name)
-        in (click.core.ParameterSource.COMMANDLINE, click.core.ParameterSource.ENVIRONMENT)
+        in (source.COMMANDLINE, source.ENVIRONMENT, source.DEFAULT_MAP)
     )
+    env_conflicts(FLAGS)
     config = build_config(instances, opts, explicit)
-    logs.configure(debug=opts["debug_logs"], quiet=opts["quiet"])
-    sys.exit(run_until_signal(config.loop, lambda stop: _serve(config, stop)))
-
-
-async def _serve(config: Config, stop: asyncio.Event) -> None:
-    async with serve(config):
-        await stop.wait()
+    if opts["debug_logs"] and opts["quiet"]:
+        raise ConfigError("--debug-logs and --quiet cannot both be set")
+    logs.configure(
+        debug=opts["debug_logs"], quiet=opts["quiet"], structured=opts["structured_logs"]
+    )
+    sys.exit(run_until_signal(config.loop, lambda stop: run(config, stop)))
 
 
 def fail(message: str) -> NoReturn:
     """fail prints a one-line error and exits 1, as Google's proxy does for bad config."""
     click.echo(f"sqlproxy: {message}", err=True)
-    sys.exit(EXIT_CONFIG)
+    sys.exit(EXIT_ERROR)
 
 
-SUBCOMMANDS: dict[str, click.Command] = {"emulator": emulator_command, "demo": demo_command}
+SUBCOMMANDS: dict[str, click.Command] = {
+    "emulator": emulator_command,
+    "demo": demo_command,
+    "wait": wait_command,
+    "healthcheck": healthcheck_command,
+    "shutdown": shutdown_command,
+}
+
+
+def _file_defaults(args: Sequence[str]) -> dict[str, Any]:
+    """_file_defaults loads --config-file into click's default_map (below env and flags)."""
+    path = find_config_file(args)
+    if path is None:
+        return {}
+    defaults, instances = split_file_config(load_config_file(path), FLAGS, path)
+    _FILE_INSTANCES[:] = instances
+    return defaults
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -285,7 +378,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         prog = f"sqlproxy {args[0]}"
         command = SUBCOMMANDS[args.pop(0)]
     try:
-        command.main(args, prog_name=prog, standalone_mode=False)
+        extra: dict[str, Any] = {}
+        if command is proxy_command:
+            extra["default_map"] = _file_defaults(args)
+        command.main(args, prog_name=prog, standalone_mode=False, **extra)
     except click.exceptions.Abort:
         sys.exit(EXIT_SIGINT)
     except click.ClickException as exc:

@@ -16,6 +16,9 @@ DEFAULT_STARTUP_TIMEOUT = 10.0
 DEFAULT_MAX_WAIT = 15.0
 SERVER_PROXY_PORT = 3307
 PG_SOCKET_NAME = ".s.PGSQL.5432"
+DEFAULT_HTTP_ADDRESS = "localhost"
+DEFAULT_HTTP_PORT = 9090
+DEFAULT_ADMIN_PORT = 9091
 
 # Same shape as the connector's and Go proxy's check: PROJECT (optionally domain-scoped,
 # "example.com:project"), REGION and INSTANCE, colon separated.
@@ -325,6 +328,18 @@ class Config:
     client_tls_dir: str | None = None
     client_tls_san: tuple[str, ...] = ()
     client_tls_required: bool = False
+    # Operations.
+    health_check: bool = False
+    http_address: str = DEFAULT_HTTP_ADDRESS
+    http_port: int = DEFAULT_HTTP_PORT
+    prometheus: bool = False
+    prometheus_namespace: str = ""
+    quitquitquit: bool = False
+    admin_port: int = DEFAULT_ADMIN_PORT
+    min_sigterm_delay: float = 0.0
+    max_sigterm_delay: float = 0.0
+    exit_zero_on_sigterm: bool = False
+    run_connection_test: bool = False
 
     def __post_init__(self) -> None:
         if not self.instances:
@@ -371,6 +386,17 @@ class Config:
             )
         if self.client_tls_san and not self.client_tls_dir:
             raise ConfigError("--client-tls-san only applies with --client-tls-dir")
+        if min(self.min_sigterm_delay, self.max_sigterm_delay) < 0:
+            raise ConfigError("--min-sigterm-delay and --max-sigterm-delay must not be negative")
+        if self.prometheus_namespace and not re.fullmatch(
+            r"[a-zA-Z_][a-zA-Z0-9_]*", self.prometheus_namespace
+        ):
+            raise ConfigError(
+                f'invalid --prometheus-namespace "{self.prometheus_namespace}": use letters, '
+                "digits and underscores"
+            )
+        if self.prometheus_namespace and not self.prometheus:
+            raise ConfigError("--prometheus-namespace needs --prometheus")
         if self.client_tls_required and not self.client_tls:
             raise ConfigError(
                 "--client-tls-required needs --client-tls-dir or --client-tls-cert/--client-tls-key"

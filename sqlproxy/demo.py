@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import shlex
 import socket
 import sys
@@ -14,7 +13,7 @@ import click
 from sqlproxy import logs
 from sqlproxy.config import Config, InstanceArg, resolve_instances
 from sqlproxy.emulator.core import Emulator, EmulatorSettings
-from sqlproxy.runner import run_until_signal
+from sqlproxy.runner import Stop, run_until_signal
 from sqlproxy.server import serve
 
 
@@ -47,7 +46,7 @@ def demo_command(address: str, port: int, check: bool) -> None:
         click.echo(f"port {port} is taken; sqlproxy will use a free port instead", err=True)
         port = 0
 
-    async def main(stop: asyncio.Event) -> None:
+    async def main(stop: Stop) -> None:
         emulator = Emulator(EmulatorSettings())
         click.echo("starting the Cloud SQL emulator and a local PostgreSQL ...")
         await emulator.start()
@@ -82,7 +81,7 @@ def demo_command(address: str, port: int, check: bool) -> None:
                     await conn.close()
                 _banner(emulator, bound.host, bound.port, str(version))
                 if not check:
-                    await stop.wait()
+                    await stop.requested.wait()
         finally:
             await emulator.stop()
 

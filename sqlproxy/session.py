@@ -12,6 +12,7 @@ from sqlproxy.config import Instance
 from sqlproxy.dialer import DialError
 from sqlproxy.frontdoor import negotiate
 from sqlproxy.limits import Refused, Ticket
+from sqlproxy.logs import fields
 from sqlproxy.pgwire import CANCEL_REQUEST, FirstPacket, ProtocolError, error_response
 from sqlproxy.relay import Leg, link, peer_name
 
@@ -94,9 +95,11 @@ class Session:
                     self.client, self._server.client_tls, config.startup_timeout
                 )
         except TimeoutError:
+            self._count_refusal("startup-timeout")
             self._refuse(None, f"no startup packet within {config.startup_timeout:g}s")
             return
         except ProtocolError as exc:
+            self._count_refusal("protocol-error")
             self._refuse(
                 error_response(PROTOCOL_VIOLATION, f"sqlproxy: invalid startup packet: {exc}"),
                 f"invalid startup packet: {exc}",
@@ -129,6 +132,7 @@ class Session:
             "yes" if self.tls else "no",
         )
         if config.client_tls_required and not self.tls:
+            self._count_refusal("tls-required")
             self._refuse(
                 error_response(
                     INVALID_AUTHORIZATION,
@@ -138,20 +142,39 @@ class Session:
                 "plaintext refused (--client-tls-required)",
             )
             return
+        metrics = self._server.metrics
         try:
             self.ticket = await self._server.admission.acquire(name)
         except Refused as refused:
-            logger.warning("[%s] conn %d refused: %s", name, self.id, refused.message)
+            if metrics is not None:
+                metrics.admission_wait.labels(name).observe(refused.waited)
+            logger.warning(
+                "[%s] conn %d refused: %s",
+                name,
+                self.id,
+                refused.message,
+                extra=self._fields(event="refused", reason=refused.reason),
+            )
             self._refuse(
                 error_response(TOO_MANY_CONNECTIONS, refused.message, hint=refused.hint),
                 f"refused: {refused.reason}",
             )
             return
+        if metrics is not None:
+            metrics.admission_wait.labels(name).observe(self.ticket.waited)
         upstream = Leg("instance", self._leg_lost)
+        dial_started = time.monotonic()
         try:
             await self._server.dialer.dial(self.instance, lambda: upstream)
         except DialError as err:
-            logger.error("[%s] conn %d %s", name, self.id, err)
+            self._server.stats[name].dial_failures[err.cause.value] += 1
+            logger.error(
+                "[%s] conn %d %s",
+                name,
+                self.id,
+                err,
+                extra=self._fields(event="dial-failed", cause=err.cause.value),
+            )
             self._refuse(
                 error_response(
                     CANNOT_CONNECT,
@@ -161,6 +184,8 @@ class Session:
                 f"dial failed: {err.cause.value}",
             )
             return
+        if metrics is not None:
+            metrics.dial_latency.labels(name).observe(time.monotonic() - dial_started)
         if self.client.closed:
             upstream.close()
             return
@@ -170,8 +195,8 @@ class Session:
 
     async def _forward_cancel(self, packet: FirstPacket) -> None:
         """_forward_cancel sends a CancelRequest over a fresh tunnel; it bypasses every limit."""
-        self._server.cancels += 1
         name = self.instance.name
+        self._server.stats[name].cancels += 1
         upstream = Leg("instance", lambda _leg, _exc: None)
         try:
             await self._server.dialer.dial(self.instance, lambda: upstream)
@@ -186,6 +211,22 @@ class Session:
             )
             self._end("sqlproxy", "cancel request forwarded")
         self.client.close()
+
+    def _fields(self, **more: object) -> dict[str, object]:
+        """_fields are this connection's structured log fields (JSON logs)."""
+        return fields(
+            connection_id=self.id,
+            instance=self.instance.name,
+            client_address=self.client_address,
+            user=self.user or None,
+            database=self.database or None,
+            application_name=self.application or None,
+            tls=self.tls,
+            **more,
+        )
+
+    def _count_refusal(self, reason: str) -> None:
+        self._server.stats[self.instance.name].refused[reason] += 1
 
     def _refuse(self, payload: bytes | None, reason: str) -> None:
         """_refuse answers the client (an ErrorResponse, when it can read one) and closes."""

@@ -168,7 +168,7 @@ async def test_asyncpg_cancel_reaches_the_server(
             # for the query to end: without the cancel that would take the full 30 s.
             again = await asyncio.wait_for(conn.fetchval("SELECT 'usable again'"), 15)
             assert again == "usable again"
-            assert proxy.cancels == 1
+            assert proxy.stats[MAIN].cancels == 1
             assert await _sleepers(pg) == 0
         finally:
             await conn.close()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import shlex
 import sys
@@ -16,7 +15,7 @@ from sqlproxy.emulator.auth import GCE_DEFAULT_SCOPES
 from sqlproxy.emulator.core import DEFAULT_INSTANCE, Emulator, EmulatorSettings
 from sqlproxy.emulator.instance import Faults, InstanceSettings
 from sqlproxy.emulator.postgres import PostgresTarget
-from sqlproxy.runner import run_until_signal
+from sqlproxy.runner import Stop, run_until_signal
 
 SCOPE_PREFIX = "https://www.googleapis.com/auth/"
 
@@ -126,7 +125,7 @@ def emulator_command(**opts: Any) -> None:
         state_dir=opts["state_dir"],
     )
 
-    async def main(stop: asyncio.Event) -> None:
+    async def main(stop: Stop) -> None:
         emulator = Emulator(settings)
         await emulator.start()
         try:
@@ -137,7 +136,7 @@ def emulator_command(**opts: Any) -> None:
             else:
                 click.echo(describe_text(emulator))
             sys.stdout.flush()
-            await stop.wait()
+            await stop.requested.wait()
         finally:
             await emulator.stop()
 
