@@ -130,6 +130,7 @@ class Session:
             self.database,
             self.application or "-",
             "yes" if self.tls else "no",
+            extra=self._fields(event="open"),
         )
         if config.client_tls_required and not self.tls:
             self._count_refusal("tls-required")
@@ -258,15 +259,24 @@ class Session:
         if self.ticket is not None:
             self.ticket.release()
         to_client = self.upstream.nbytes if self.upstream else 0
+        duration = time.monotonic() - self.started
         logger.info(
             "[%s] conn %d closed by %s after %.3fs (%s): %d bytes from client, %d bytes to client",
             self.instance.name,
             self.id,
             self.ended_by or "sqlproxy",
-            time.monotonic() - self.started,
+            duration,
             self.reason or "closed",
             self.client.nbytes,
             to_client,
+            extra=self._fields(
+                event="close",
+                closed_by=self.ended_by or "sqlproxy",
+                close_reason=self.reason or "closed",
+                bytes_from_client=self.client.nbytes,
+                bytes_to_client=to_client,
+                duration_seconds=round(duration, 6),
+            ),
         )
         self._server.session_finished(self)
 

@@ -46,7 +46,7 @@ async def test_query_parameter_overrides_global_private_ip(emulator: Emulator, p
     assert [r.ip_type for r in inst.records[before:]] == ["PRIMARY"]
 
 
-def _free_port_pair() -> int:
+def free_port_pair() -> int:
     for _ in range(100):
         with socket.socket() as a:
             a.bind(("127.0.0.1", 0))
@@ -61,7 +61,7 @@ def _free_port_pair() -> int:
 
 
 async def test_several_instances_listen_on_incrementing_ports(emulator: Emulator, pg: PG) -> None:
-    base = _free_port_pair()
+    base = free_port_pair()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         explicit = s.getsockname()[1]
@@ -80,7 +80,7 @@ async def test_several_instances_listen_on_incrementing_ports(emulator: Emulator
 
 
 async def test_port_numbering_follows_googles_proxy(emulator: Emulator) -> None:
-    base = _free_port_pair()
+    base = free_port_pair()
     config = make_config(emulator, MAIN, SECOND, port=base)
     assert [(i.name, i.port) for i in config.instances] == [(MAIN, base), (SECOND, base + 1)]
     async with running_proxy(config) as proxy:
