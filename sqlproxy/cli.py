@@ -33,6 +33,7 @@ from sqlproxy.configfile import (
     split_file_config,
 )
 from sqlproxy.demo import demo_command
+from sqlproxy.doctor import doctor_command
 from sqlproxy.emulator.cli import emulator_command
 from sqlproxy.probes import healthcheck_command, shutdown_command, wait_command
 from sqlproxy.runner import EXIT_ERROR, EXIT_SIGINT, run_until_signal
@@ -133,6 +134,7 @@ Other commands:
   sqlproxy wait         wait until a proxy's /startup answers 200
   sqlproxy healthcheck  exit 0/1 from a proxy's /readiness (or --probe liveness)
   sqlproxy shutdown     ask a proxy started with --quitquitquit to shut down
+  sqlproxy doctor       diagnose the path to an instance, step by step, with fixes
 """
 
 
@@ -356,6 +358,7 @@ SUBCOMMANDS: dict[str, click.Command] = {
     "wait": wait_command,
     "healthcheck": healthcheck_command,
     "shutdown": shutdown_command,
+    "doctor": doctor_command,
 }
 
 

@@ -43,6 +43,14 @@ from sqlproxy.config import SERVER_PROXY_PORT, Config, ConfigError, Instance, IP
 logger = logging.getLogger(__name__)
 
 SQLADMIN_SCOPE = "https://www.googleapis.com/auth/sqlservice.admin"
+# A token with any one of these may call the Admin API.
+ADMIN_API_SCOPES = frozenset(
+    {
+        "https://www.googleapis.com/auth/cloud-platform",
+        SQLADMIN_SCOPE,
+        "https://www.googleapis.com/auth/sqlservice",
+    }
+)
 # A refresh that gets no answer at all is abandoned after this long (the connector's HTTP
 # client would otherwise wait 300 s).
 REFRESH_TIMEOUT = 60.0

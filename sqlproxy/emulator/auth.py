@@ -16,8 +16,6 @@ CLOUD_PLATFORM = "https://www.googleapis.com/auth/cloud-platform"
 SQLSERVICE_ADMIN = "https://www.googleapis.com/auth/sqlservice.admin"
 SQLSERVICE = "https://www.googleapis.com/auth/sqlservice"
 SQLSERVICE_LOGIN = "https://www.googleapis.com/auth/sqlservice.login"
-# What the Admin API accepts: any one of these.
-ADMIN_API_SCOPES = frozenset({CLOUD_PLATFORM, SQLSERVICE_ADMIN, SQLSERVICE})
 # A GCE VM created with the "default access" scopes: no Cloud SQL access.
 GCE_DEFAULT_SCOPES = (
     "https://www.googleapis.com/auth/devstorage.read_only",

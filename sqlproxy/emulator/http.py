@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from sqlproxy.certs import load_public_key, pem
-from sqlproxy.emulator.auth import ADMIN_API_SCOPES, AuthError, TokenInfo
+from sqlproxy.dialer import ADMIN_API_SCOPES
+from sqlproxy.emulator.auth import AuthError, TokenInfo
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,6 +156,36 @@ async def connect_settings(request: web.Request) -> web.Response:
             {"name": psc_name, "connectionType": "PRIVATE_SERVICE_CONNECT", "dnsScope": "INSTANCE"}
         ]
     return web.json_response(body)
+
+
+async def get_instance(request: web.Request) -> web.Response:
+    """get_instance answers GET .../instances/{instance} (what `gcloud sql instances describe`
+    shows), which sqlproxy doctor reads for state and addresses."""
+    try:
+        _, inst, _ = await _admin_call(request, "Get")
+    except _Refused as refused:
+        return refused.response
+    addresses = [{"type": "PRIMARY", "ipAddress": inst.advertised("PRIMARY")}]
+    network: dict[str, Any] = {"ipv4Enabled": True}
+    if not inst.faults.no_private_ip:
+        addresses.append({"type": "PRIVATE", "ipAddress": inst.advertised("PRIVATE")})
+        network["privateNetwork"] = f"projects/{inst.project}/global/networks/default"
+    if "PSC" in inst.addresses:
+        network["pscConfig"] = {"pscEnabled": True}
+    return web.json_response(
+        {
+            "kind": "sql#instance",
+            "name": inst.name,
+            "project": inst.project,
+            "connectionName": inst.connection_name,
+            "region": inst.region,
+            "databaseVersion": inst.database_version,
+            "state": "RUNNABLE",
+            "backendType": "SECOND_GEN",
+            "ipAddresses": addresses,
+            "settings": {"ipConfiguration": network},
+        }
+    )
 
 
 async def instance_action(request: web.Request) -> web.Response:
@@ -323,6 +354,7 @@ def make_app(emulator: Emulator) -> web.Application:
         f"{API}/projects/{{project}}/instances/{{instance}}/connectSettings", connect_settings
     )
     app.router.add_post(f"{API}/projects/{{project}}/instances/{{instance}}", instance_action)
+    app.router.add_get(f"{API}/projects/{{project}}/instances/{{instance}}", get_instance)
     app.router.add_post("/token", token)
     app.router.add_get("/", metadata_root)
     app.router.add_get(f"{METADATA}/{{path:.*}}", metadata)
