@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn, TypeVar
@@ -35,6 +37,7 @@ from sqlproxy.configfile import (
 from sqlproxy.demo import demo_command
 from sqlproxy.doctor import doctor_command
 from sqlproxy.emulator.cli import emulator_command
+from sqlproxy.generate import generate_command
 from sqlproxy.probes import healthcheck_command, shutdown_command, wait_command
 from sqlproxy.runner import EXIT_ERROR, EXIT_SIGINT, run_until_signal
 from sqlproxy.server import run
@@ -135,6 +138,7 @@ Other commands:
   sqlproxy healthcheck  exit 0/1 from a proxy's /readiness (or --probe liveness)
   sqlproxy shutdown     ask a proxy started with --quitquitquit to shut down
   sqlproxy doctor       diagnose the path to an instance, step by step, with fixes
+  sqlproxy generate     write docker-compose, .env or Kubernetes files for an instance
 """
 
 
@@ -319,6 +323,11 @@ Other commands:
     help="Log JSON lines (severity, message, timestamp, connection fields).",
 )
 @flag_option("debug-logs", is_flag=True, help="Log debug lines too.")
+@click.option(
+    "--dry-run",
+    is_flag=True,
+    help="Print the resolved configuration as JSON (no secrets) and exit.",
+)
 @flag_option("quiet", is_flag=True, help="Log errors only.")
 @click.version_option(__version__, "-v", "--version", prog_name="sqlproxy")
 def proxy_command(instances: tuple[str, ...], **opts: Any) -> None:
@@ -338,12 +347,26 @@ def proxy_command(instances: tuple[str, ...], **opts: Any) -> None:
     )
     env_conflicts(FLAGS)
     config = build_config(instances, opts, explicit)
+    if opts["dry_run"]:
+        click.echo(json.dumps(describe_config(config), indent=2))
+        return
     if opts["debug_logs"] and opts["quiet"]:
         raise ConfigError("--debug-logs and --quiet cannot both be set")
     logs.configure(
         debug=opts["debug_logs"], quiet=opts["quiet"], structured=opts["structured_logs"]
     )
     sys.exit(run_until_signal(config.loop, lambda stop: run(config, stop)))
+
+
+def describe_config(config: Config) -> dict[str, Any]:
+    """describe_config is the resolved configuration as JSON-ready data, without secrets."""
+    data = dataclasses.asdict(config)
+    data["token"] = "<set>" if config.token else None
+    data["instances"] = [
+        {**dataclasses.asdict(i), "ip_type": i.ip_type.name.lower(), "listen": i.listen}
+        for i in config.instances
+    ]
+    return data
 
 
 def fail(message: str) -> NoReturn:
@@ -359,6 +382,7 @@ SUBCOMMANDS: dict[str, click.Command] = {
     "healthcheck": healthcheck_command,
     "shutdown": shutdown_command,
     "doctor": doctor_command,
+    "generate": generate_command,
 }
 
 

@@ -39,6 +39,8 @@ def _get(url: str, method: str = "GET") -> tuple[int, str]:
 
 
 def _base(address: str, port: int) -> str:
+    # A proxy listening on all addresses is reached on loopback.
+    address = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(address, address)  # noqa: S104
     host = f"[{address}]" if ":" in address else address
     return f"http://{host}:{port}"
 

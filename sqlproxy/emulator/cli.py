@@ -81,6 +81,32 @@ def parse_fault(text: str) -> tuple[str, dict[str, Any]]:
     help="Address the started PostgreSQL listens on.",
 )
 @click.option(
+    "--postgres-password",
+    default=None,
+    envvar="SQLPROXY_EMULATOR_POSTGRES_PASSWORD",
+    help="Superuser password of the started PostgreSQL [default: random].",
+)
+@click.option(
+    "--create-database",
+    "databases",
+    multiple=True,
+    metavar="NAME",
+    help="Create this database at start (repeatable), e.g. convex_self_hosted.",
+)
+@click.option(
+    "--instance-address",
+    default=None,
+    metavar="ADDR",
+    help="Serve every address type of the instance on ADDR:3307 (e.g. 0.0.0.0 in a container) "
+    "instead of one loopback IP each.",
+)
+@click.option(
+    "--advertise-address",
+    default=None,
+    metavar="HOST",
+    help="Address the Admin API reports for the instance (e.g. the container's service name).",
+)
+@click.option(
     "--cert-ttl", default="1h", show_default=True, help="Validity of ephemeral client certificates."
 )
 @click.option("--token-ttl", default="1h", show_default=True, help="Validity of access tokens.")
@@ -112,8 +138,25 @@ def emulator_command(**opts: Any) -> None:
     for name in names:
         check_connection_name(name)
     faults = [parse_fault(f) for f in opts["faults"]]
+    shared = opts["instance_address"]
+    advertise = opts["advertise_address"]
+    if shared and len(names) > 1:
+        raise click.BadParameter("--instance-address serves one instance only (port 3307)")
     settings = EmulatorSettings(
-        instances=[InstanceSettings(n) for n in names],
+        instances=[
+            InstanceSettings(
+                n,
+                primary_ip=shared,
+                private_ip=shared,
+                psc_ip=shared,
+                advertise=dict.fromkeys(("PRIMARY", "PRIVATE", "PSC"), advertise)
+                if advertise
+                else {},
+            )
+            for n in names
+        ],
+        postgres_password=opts["postgres_password"],
+        databases=tuple(opts["databases"]),
         host=opts["host"],
         port=opts["port"],
         public_host=opts["public_host"],

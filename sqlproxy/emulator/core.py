@@ -59,6 +59,10 @@ class EmulatorSettings:
     postgres: PostgresTarget | None = None
     postgres_listen: str = "127.0.0.1"
     postgres_max_connections: int = 300
+    # Superuser password of the started PostgreSQL (random when None).
+    postgres_password: str | None = None
+    # Databases to create at start (Convex needs convex_self_hosted to exist).
+    databases: tuple[str, ...] = ()
     cert_ttl: float = DEFAULT_CERT_TTL
     token_ttl: float = DEFAULT_TOKEN_TTL
     vm_scopes: tuple[str, ...] = (CLOUD_PLATFORM,)
@@ -203,7 +207,9 @@ class Emulator:
             self._state_dir.mkdir(parents=True, exist_ok=True)
         if settings.postgres is None:
             self._local_pg = LocalPostgres(
-                listen=settings.postgres_listen, max_connections=settings.postgres_max_connections
+                listen=settings.postgres_listen,
+                max_connections=settings.postgres_max_connections,
+                password=settings.postgres_password,
             )
             self.postgres = await asyncio.to_thread(self._local_pg.start)
         else:
@@ -261,6 +267,11 @@ class Emulator:
                 if not exists:
                     await conn.execute(f'CREATE ROLE "{role}" LOGIN')
                 await conn.execute(f'GRANT pg_read_all_data, pg_write_all_data TO "{role}"')
+            for database in self.settings.databases:
+                if not await conn.fetchval(
+                    "SELECT 1 FROM pg_database WHERE datname = $1", database
+                ):
+                    await conn.execute(f'CREATE DATABASE "{database.replace(chr(34), "")}"')
         finally:
             await conn.close()
         return f"POSTGRES_{version_num // 10000}"

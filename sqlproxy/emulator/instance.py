@@ -190,20 +190,27 @@ class EmulatedInstance:
         if self.settings.psc:
             wanted["PSC"] = self.settings.psc_ip
         for ip_type, ip in wanted.items():
+            if ip is not None and ip in self._sockets:
+                # Several address types on one address (e.g. a container's only IP).
+                self.addresses[ip_type] = ip
+                continue
             addr, sock = _bind_3307(ip)
             self.addresses[ip_type] = addr
-            self._sockets[ip_type] = sock
+            self._sockets[addr] = sock
         await self._listen()
 
+    def _types_at(self, addr: str) -> str:
+        return "/".join(t for t, a in self.addresses.items() if a == addr)
+
     async def _listen(self) -> None:
-        for ip_type, addr in self.addresses.items():
-            if ip_type in self._servers:
+        for addr in dict.fromkeys(self.addresses.values()):
+            if addr in self._servers:
                 continue
-            sock = self._sockets.pop(ip_type, None)
+            sock = self._sockets.pop(addr, None)
             if sock is None:
                 _, sock = _bind_3307(addr)
-            self._servers[ip_type] = await asyncio.start_server(
-                functools.partial(self._handle, ip_type=ip_type), sock=sock
+            self._servers[addr] = await asyncio.start_server(
+                functools.partial(self._handle, ip_type=self._types_at(addr)), sock=sock
             )
 
     async def set_faults(self, changes: dict[str, Any]) -> None:

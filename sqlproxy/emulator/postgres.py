@@ -101,6 +101,7 @@ class LocalPostgres:
         port: int = 0,
         max_connections: int = 300,
         extra_hba: tuple[str, ...] = (),
+        password: str | None = None,
     ) -> None:
         self._listen = listen
         self._port = port or free_port(listen if listen != "*" else "127.0.0.1")
@@ -108,7 +109,7 @@ class LocalPostgres:
         self._extra_hba = extra_hba
         self._dir: Path | None = None
         self._proc: subprocess.Popen[bytes] | None = None
-        self.password = secrets.token_urlsafe(18)
+        self.password = password or secrets.token_urlsafe(18)
         self._run_as: pwd.struct_passwd | None = None
 
     @property
