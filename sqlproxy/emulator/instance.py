@@ -12,11 +12,12 @@ import socket
 import ssl
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 from cryptography import x509
 
-from sqlproxy.certs import Authority, pem, server_context
+from sqlproxy.certs import Authority, key_pem, pem, server_context
 from sqlproxy.config import SERVER_PROXY_PORT
 from sqlproxy.emulator.postgres import PostgresTarget
 from sqlproxy.pgwire import (
@@ -144,6 +145,9 @@ class InstanceSettings:
     psc_ip: str | None = None
     # Addresses clients are told to dial, when they differ from where we bind (containers).
     advertise: dict[str, str] = field(default_factory=dict)
+    # False: something else (stunnel, a benchmark's echo server) serves the addresses with
+    # this instance's certificates (see write_server_files); the emulator binds nothing.
+    serve: bool = True
 
 
 class EmulatedInstance:
@@ -184,11 +188,25 @@ class EmulatedInstance:
         """advertised is the address the Admin API reports for an address type."""
         return self.settings.advertise.get(ip_type, self.addresses[ip_type])
 
+    def write_server_files(self, directory: Path) -> tuple[Path, Path, Path]:
+        """write_server_files writes the server certificate chain, its key and the CA, for an
+        external server standing in for this instance's listener."""
+        directory.mkdir(parents=True, exist_ok=True)
+        cert, key, ca = directory / "server.pem", directory / "server.key", directory / "ca.pem"
+        cert.write_text(pem(self._server_cert) + pem(self.authority.cert))
+        key.write_bytes(key_pem(self._server_key))
+        key.chmod(0o600)
+        ca.write_text(self.ca_pem)
+        return cert, key, ca
+
     async def start(self) -> None:
         """start binds a 3307 listener on each of the instance's addresses."""
         wanted = {"PRIMARY": self.settings.primary_ip, "PRIVATE": self.settings.private_ip}
         if self.settings.psc:
             wanted["PSC"] = self.settings.psc_ip
+        if not self.settings.serve:
+            self.addresses = {t: ip for t, ip in wanted.items() if ip is not None}
+            return
         for ip_type, ip in wanted.items():
             if ip is not None and ip in self._sockets:
                 # Several address types on one address (e.g. a container's only IP).

@@ -1,0 +1,1 @@
+"""The benchmark harness: sqlproxy against direct PostgreSQL, haproxy and stunnel."""
