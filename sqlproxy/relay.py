@@ -172,8 +172,11 @@ class Leg(asyncio.Protocol):
             self.transport.abort()
 
 
-def link(a: Leg, b: Leg) -> None:
-    """link joins two connected legs so bytes flow both ways; pending bytes go first."""
+def link(a: Leg, b: Leg, on_first_from_b: Callable[[], None] | None = None) -> None:
+    """link joins two connected legs so bytes flow both ways; pending bytes go first.
+
+    on_first_from_b runs once, when b first delivers data (so the hot path pays nothing).
+    """
     assert a.transport is not None
     assert b.transport is not None
     a.peer, b.peer = b, a
@@ -183,6 +186,16 @@ def link(a: Leg, b: Leg) -> None:
         if early:
             dst.transport.write(early)
         src._forward = dst.transport.write
+    if on_first_from_b is not None:
+        write = b._forward
+        assert write is not None
+
+        def first(data: bytes) -> None:
+            b._forward = write
+            write(data)
+            on_first_from_b()
+
+        b._forward = first
     for leg in (a, b):
         assert leg.transport is not None
         if not leg.closed and not leg.transport.is_closing():

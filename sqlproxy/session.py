@@ -192,7 +192,9 @@ class Session:
             return
         self.upstream = upstream
         upstream.write(packet.raw)
-        link(self.client, upstream)
+        dialer, instance, transport = self._server.dialer, self.instance, upstream.transport
+        assert transport is not None
+        link(self.client, upstream, lambda: dialer.remember_ticket(instance, transport))
 
     async def _forward_cancel(self, packet: FirstPacket) -> None:
         """_forward_cancel sends a CancelRequest over a fresh tunnel; it bypasses every limit."""

@@ -99,6 +99,8 @@ class ConnectionRecord:
     time: float
     accepted: bool = True
     error: str = ""
+    # True when the client resumed an earlier TLS session (no certificate exchange).
+    resumed: bool = False
 
     def to_json(self) -> dict[str, Any]:
         """to_json is the record as a JSON-ready dict (serials as strings)."""
@@ -296,7 +298,9 @@ class EmulatedInstance:
         except (ssl.SSLError, OSError) as exc:
             self._record(ip_type, address, None, None, accepted=False, error=str(exc))
             return
-        der = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
+        sslobj = writer.get_extra_info("ssl_object")
+        resumed = bool(sslobj.session_reused)
+        der = sslobj.getpeercert(binary_form=True)
         cert = x509.load_der_x509_certificate(der)
         issued = self.issued.get(cert.serial_number)
         first = await self._first_startup(reader, writer)
@@ -304,7 +308,7 @@ class EmulatedInstance:
             return
         startup, code = first
         if code == CANCEL_REQUEST:
-            self._record(ip_type, address, cert, issued, user=None, database=None)
+            self._record(ip_type, address, cert, issued, resumed=resumed)
             up_reader, up_writer = await asyncio.open_connection(
                 self.postgres.host, self.postgres.port
             )
@@ -315,7 +319,13 @@ class EmulatedInstance:
         packet = parse_first_packet(startup)
         user = packet.params.get("user")
         self._record(
-            ip_type, address, cert, issued, user=user, database=packet.params.get("database")
+            ip_type,
+            address,
+            cert,
+            issued,
+            user=user,
+            database=packet.params.get("database"),
+            resumed=resumed,
         )
         iam = issued is not None and issued.iam_user is not None and issued.iam_user == user
         if iam and self.postgres.socket_dir:
@@ -360,6 +370,7 @@ class EmulatedInstance:
         database: str | None = None,
         accepted: bool = True,
         error: str = "",
+        resumed: bool = False,
     ) -> None:
         self.records.append(
             ConnectionRecord(
@@ -374,6 +385,7 @@ class EmulatedInstance:
                 time=time.time(),
                 accepted=accepted,
                 error=error,
+                resumed=resumed,
             )
         )
 
