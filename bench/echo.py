@@ -7,6 +7,7 @@ Cloud SQL does) and echoes every byte back; without CERT it is a plaintext echo 
 from __future__ import annotations
 
 import asyncio
+import os
 import ssl
 import sys
 
@@ -42,6 +43,8 @@ async def serve(host: str, port: int, files: list[str]) -> None:
         context.load_cert_chain(cert, key)
         context.verify_mode = ssl.CERT_REQUIRED
         context.load_verify_locations(ca)
+        if os.environ.get("ECHO_NUM_TICKETS"):
+            context.num_tickets = int(os.environ["ECHO_NUM_TICKETS"])
     server = await asyncio.get_running_loop().create_server(
         Echo, host, port, ssl=context, backlog=8192, reuse_address=True
     )

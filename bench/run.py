@@ -564,6 +564,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="a smoke run: tiny sizes, 1 rep")
     parser.add_argument("--reps", type=int, default=None, help="repetitions (default 3)")
     parser.add_argument("--out", type=Path, default=Path("bench/out"), help="output directory")
+    parser.add_argument(
+        "--only",
+        default="",
+        help="comma-separated workload names to run (e.g. storm,idle); default: all",
+    )
     args = parser.parse_args(argv)
     plan = Plan.quick() if args.quick else Plan()
     if args.reps:
@@ -575,9 +580,11 @@ def main(argv: list[str] | None = None) -> int:
         try:
             thread, targets, info = setup(bench)
             order = list(targets)
-            runs = workloads(bench, info)
-            idle_steps = (
-                sum(1 for t in targets.values() if t.pid) * len(plan.idle) * (plan.idle_cycles)
+            only = [w.strip() for w in args.only.split(",") if w.strip()]
+            runs = [r for r in workloads(bench, info) if not only or any(o in r[0] for o in only)]
+            run_idle = not only or "idle" in only
+            idle_steps = run_idle * (
+                sum(1 for t in targets.values() if t.pid) * len(plan.idle) * plan.idle_cycles
             )
             progress = Progress(plan.reps * len(runs) * len(order) + idle_steps)
             for rep in range(plan.reps):
@@ -585,7 +592,8 @@ def main(argv: list[str] | None = None) -> int:
                     for name in order:  # interleaved: A B C A B C ...
                         progress.step(f"rep {rep + 1} {label} via {name}")
                         run(targets[name])
-            idle_scale(bench, targets, progress)
+            if run_idle:
+                idle_scale(bench, targets, progress)
             progress.close()
         finally:
             bench.stop()

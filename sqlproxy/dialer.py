@@ -250,7 +250,11 @@ class Tickets:
         if sslobj is None:
             return
         if sslobj.session_reused:
+            # Keep the ticket we resumed with: a session taken from a resumed connection
+            # keeps its predecessors alive in OpenSSL, so memory would grow with every tunnel.
+            # When the instance stops accepting it, a full handshake brings a fresh one.
             self.resumed += 1
+            return
         session = sslobj.session
         if session is not None and session.has_ticket:
             self.session = session
