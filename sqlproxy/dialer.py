@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import ipaddress
 import json
 import logging
 import socket
@@ -39,6 +40,7 @@ from google.oauth2 import service_account
 
 from sqlproxy import __version__
 from sqlproxy.config import SERVER_PROXY_PORT, Config, ConfigError, Instance, IPType
+from sqlproxy.relay import tune_socket
 
 logger = logging.getLogger(__name__)
 
@@ -662,11 +664,21 @@ class CloudSQLDialer:
 
     async def _connect_tcp(self, host: str) -> socket.socket:
         loop = asyncio.get_running_loop()
-        infos = await loop.getaddrinfo(host, SERVER_PROXY_PORT, type=socket.SOCK_STREAM)
+        targets: list[tuple[int, Any]]
+        try:
+            ip = ipaddress.ip_address(host)
+        except ValueError:  # a PSC DNS name
+            infos = await loop.getaddrinfo(host, SERVER_PROXY_PORT, type=socket.SOCK_STREAM)
+            targets = [(family, addr) for family, _, _, _, addr in infos]
+        else:  # an IP literal: no resolver round trip
+            targets = [
+                (socket.AF_INET6 if ip.version == 6 else socket.AF_INET, (host, SERVER_PROXY_PORT))
+            ]
         last: OSError = OSError(f"no address for {host}")
-        for family, type_, proto, _, addr in infos:
-            sock = socket.socket(family, type_, proto)
+        for family, addr in targets:
+            sock = socket.socket(family, socket.SOCK_STREAM)
             sock.setblocking(False)
+            tune_socket(sock)
             try:
                 await loop.sock_connect(sock, addr)
             except OSError as exc:

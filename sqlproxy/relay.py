@@ -16,9 +16,12 @@ WRITE_HIGH_WATER = 512 * 1024
 KEEPALIVE_SECONDS = 30
 
 
-def tune_socket(transport: asyncio.BaseTransport) -> None:
-    """tune_socket turns on TCP_NODELAY and 30 s keepalive, as Google's proxy does."""
-    sock = transport.get_extra_info("socket")
+def tune_socket(sock: Any) -> None:
+    """tune_socket turns on TCP_NODELAY and 30 s keepalive, as Google's proxy does.
+
+    Applied to listening sockets (accepted ones inherit the options, saving four system
+    calls per connection) and to each instance socket before it connects.
+    """
     if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
         return
     try:
@@ -75,7 +78,6 @@ class Leg(asyncio.Protocol):
         # uvloop's transports do not subclass asyncio.Transport, but implement it.
         self.transport = cast(asyncio.Transport, transport)
         self.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
-        tune_socket(transport)
         if self._on_made is not None:
             self._on_made(self)
 

@@ -21,7 +21,7 @@ from sqlproxy.dialer import CloudSQLDialer, Dialer, DialError, Generation, load_
 from sqlproxy.health import Health
 from sqlproxy.limits import Admission
 from sqlproxy.metrics import Metrics
-from sqlproxy.relay import Leg
+from sqlproxy.relay import Leg, tune_socket
 from sqlproxy.runner import EXIT_ERROR, Stop
 from sqlproxy.session import Session
 
@@ -126,6 +126,7 @@ class ProxyServer:
         )
         self._servers.append(server)
         for sock in server.sockets:
+            tune_socket(sock)
             host, port = sock.getsockname()[:2]
             self.addresses.append(BoundAddress(inst.name, host, port))
             logger.info("[%s] listening on %s", inst.name, _hostport(host, port))

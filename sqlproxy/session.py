@@ -121,17 +121,18 @@ class Session:
         self.user = packet.params.get("user", "")
         self.database = packet.params.get("database", self.user)
         self.application = packet.params.get("application_name", "")
-        logger.info(
-            "[%s] conn %d opened from %s (user=%s database=%s application=%s tls=%s)",
-            name,
-            self.id,
-            self.client_address,
-            self.user,
-            self.database,
-            self.application or "-",
-            "yes" if self.tls else "no",
-            extra=self._fields(event="open"),
-        )
+        if logger.isEnabledFor(logging.INFO):
+            logger.info(
+                "[%s] conn %d opened from %s (user=%s database=%s application=%s tls=%s)",
+                name,
+                self.id,
+                self.client_address,
+                self.user,
+                self.database,
+                self.application or "-",
+                "yes" if self.tls else "no",
+                extra=self._fields(event="open"),
+            )
         if config.client_tls_required and not self.tls:
             self._count_refusal("tls-required")
             self._refuse(
@@ -260,6 +261,9 @@ class Session:
         self.done = True
         if self.ticket is not None:
             self.ticket.release()
+        self._server.session_finished(self)
+        if not logger.isEnabledFor(logging.INFO):
+            return
         to_client = self.upstream.nbytes if self.upstream else 0
         duration = time.monotonic() - self.started
         logger.info(
@@ -280,7 +284,6 @@ class Session:
                 duration_seconds=round(duration, 6),
             ),
         )
-        self._server.session_finished(self)
 
     def end_idle(self, idle_for: float) -> None:
         """end_idle ends a session that moved no bytes for --idle-timeout (SQLSTATE 57P05)."""
