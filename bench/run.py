@@ -208,6 +208,81 @@ async def _client_certificate(emulator: Emulator, instance: str, directory: Path
     (directory / "ca.pem").write_text(emulator.instance(instance).ca_pem)
 
 
+@dataclass
+class Endpoints:
+    """Endpoints are what a tunnel target needs: both instances and the client certificate."""
+
+    emulator: Emulator
+    pg_ip: str
+    echo_ip: str
+    client_dir: Path
+    stunnel: str
+
+
+def start_targets(bench: Bench, ep: Endpoints, label: str = "") -> dict[str, Target]:
+    """start_targets starts sqlproxy, haproxy (if installed) and stunnel, each reaching both
+    instances; label keeps the config files of a second set apart."""
+    work, targets = bench.work, {}
+    port = free_port()
+    while True:  # sqlproxy takes port and port+1
+        with socket.socket() as s, contextlib.suppress(OSError):
+            s.bind(("127.0.0.1", port + 1))
+            break
+        port = free_port()
+    proc = bench.spawn(
+        [
+            PYTHON,
+            "-m",
+            "sqlproxy",
+            "--port",
+            str(port),
+            "--quiet",
+            "--sqladmin-api-endpoint",
+            ep.emulator.url,
+            "--credentials-file",
+            str(ep.emulator.key_file),
+            PG_INSTANCE,
+            ECHO_INSTANCE,
+        ]
+    )
+    _wait_port("127.0.0.1", port, proc)
+    _wait_port("127.0.0.1", port + 1, proc)
+    targets["sqlproxy"] = Target("sqlproxy", port, port + 1, proc.pid)
+    haproxy = shutil.which("haproxy")
+    pairs = (("pg", ep.pg_ip), ("echo", ep.echo_ip))
+    if haproxy:
+        hp, he = free_port(), free_port()
+        blocks = [
+            f"listen {name}\n  bind 127.0.0.1:{listen}\n  mode tcp\n"
+            f"  server instance {ip}:3307 ssl crt {ep.client_dir / name / 'client.pem'} "
+            f"ca-file {ep.client_dir / name / 'ca.pem'} verify required ssl-min-ver TLSv1.3\n"
+            for (name, ip), listen in zip(pairs, (hp, he), strict=True)
+        ]
+        # As its users run it: default threading (one thread per CPU), defaults otherwise.
+        config = work / f"haproxy{label}.cfg"
+        config.write_text(
+            "global\n  maxconn 9000\ndefaults\n  mode tcp\n  timeout connect 30s\n"
+            "  timeout client 1h\n  timeout server 1h\n" + "".join(blocks)
+        )
+        proc = bench.spawn([haproxy, "-db", "-f", str(config)])
+        _wait_port("127.0.0.1", hp, proc)
+        targets["haproxy"] = Target("haproxy", hp, he, proc.pid)
+    sp, se = free_port(), free_port()
+    services = "".join(
+        f"[{name}]\nclient = yes\naccept = 127.0.0.1:{listen}\nconnect = {ip}:3307\n"
+        f"cert = {ep.client_dir / name / 'client.crt'}\n"
+        f"key = {ep.client_dir / name / 'client.key'}\n"
+        f"CAfile = {ep.client_dir / name / 'ca.pem'}\nverifyChain = yes\nsslVersionMin = TLSv1.3\n"
+        for (name, ip), listen in zip(pairs, (sp, se), strict=True)
+    )
+    config = work / f"client-stunnel{label}.conf"
+    config.write_text(f"foreground = yes\npid =\nsyslog = no\n{services}")
+    proc = bench.spawn([ep.stunnel, str(config)])
+    _wait_port("127.0.0.1", sp, proc)
+    targets["stunnel"] = Target("stunnel", sp, se, proc.pid)
+    return targets
+
+
 def setup(bench: Bench) -> tuple[EmulatorThread, dict[str, Target], dict[str, Any]]:
     """setup starts PostgreSQL, the instance sides and every target."""
     work, plan = bench.work, bench.plan
@@ -248,65 +323,12 @@ def setup(bench: Bench) -> tuple[EmulatorThread, dict[str, Target], dict[str, An
     bench.spawn([PYTHON, "-m", "bench.echo", "127.0.0.1", str(plain_echo)], ready="ready")
     _wait_port(pg_ip, 3307, instance_side)
 
-    targets: dict[str, Target] = {"direct": Target("direct", pg.port, plain_echo)}
-    port = free_port()
-    while True:  # sqlproxy takes port and port+1
-        with socket.socket() as s, contextlib.suppress(OSError):
-            s.bind(("127.0.0.1", port + 1))
-            break
-        port = free_port()
-    proc = bench.spawn(
-        [
-            PYTHON,
-            "-m",
-            "sqlproxy",
-            "--port",
-            str(port),
-            "--quiet",
-            "--sqladmin-api-endpoint",
-            emulator.url,
-            "--credentials-file",
-            str(emulator.key_file),
-            PG_INSTANCE,
-            ECHO_INSTANCE,
-        ],
-    )
-    _wait_port("127.0.0.1", port, proc)
-    _wait_port("127.0.0.1", port + 1, proc)
-    targets["sqlproxy"] = Target("sqlproxy", port, port + 1, proc.pid)
-
     client_dir = work / "client"
     for inst, sub in ((PG_INSTANCE, "pg"), (ECHO_INSTANCE, "echo")):
         asyncio.run(_client_certificate(emulator, inst, client_dir / sub))
-    haproxy = shutil.which("haproxy")
-    if haproxy:
-        hp, he = free_port(), free_port()
-        blocks = []
-        for name, listen, ip, sub in (("pg", hp, pg_ip, "pg"), ("echo", he, echo_ip, "echo")):
-            blocks.append(
-                f"listen {name}\n  bind 127.0.0.1:{listen}\n  mode tcp\n"
-                f"  server instance {ip}:3307 ssl crt {client_dir / sub / 'client.pem'} "
-                f"ca-file {client_dir / sub / 'ca.pem'} verify required ssl-min-ver TLSv1.3\n"
-            )
-        # As its users run it: default threading (one thread per CPU), defaults otherwise.
-        (work / "haproxy.cfg").write_text(
-            "global\n  maxconn 9000\ndefaults\n  mode tcp\n  timeout connect 30s\n"
-            "  timeout client 1h\n  timeout server 1h\n" + "".join(blocks)
-        )
-        proc = bench.spawn([haproxy, "-db", "-f", str(work / "haproxy.cfg")])
-        _wait_port("127.0.0.1", hp, proc)
-        targets["haproxy"] = Target("haproxy", hp, he, proc.pid)
-    sp, se = free_port(), free_port()
-    services = "".join(
-        f"[{name}]\nclient = yes\naccept = 127.0.0.1:{listen}\nconnect = {ip}:3307\n"
-        f"cert = {client_dir / sub / 'client.crt'}\nkey = {client_dir / sub / 'client.key'}\n"
-        f"CAfile = {client_dir / sub / 'ca.pem'}\nverifyChain = yes\nsslVersionMin = TLSv1.3\n"
-        for name, listen, ip, sub in (("pg", sp, pg_ip, "pg"), ("echo", se, echo_ip, "echo"))
-    )
-    (work / "client-stunnel.conf").write_text(f"foreground = yes\npid =\nsyslog = no\n{services}")
-    proc = bench.spawn([stunnel, str(work / "client-stunnel.conf")])
-    _wait_port("127.0.0.1", sp, proc)
-    targets["stunnel"] = Target("stunnel", sp, se, proc.pid)
+    endpoints = Endpoints(emulator, pg_ip, echo_ip, client_dir, stunnel)
+    targets = {"direct": Target("direct", pg.port, plain_echo), **start_targets(bench, endpoints)}
+    bench.extra["endpoints"] = endpoints
 
     env = {
         **os.environ,
@@ -447,13 +469,22 @@ def workloads(bench: Bench, info: dict[str, Any]) -> list[tuple[str, Callable[[T
     return found
 
 
-def idle_scale(bench: Bench, targets: dict[str, Target], progress: Progress) -> None:
-    """idle_scale holds many idle connections and reads the relay's memory, cycle by cycle."""
-    for target in (t for t in targets.values() if t.pid):
+def idle_scale(bench: Bench, progress: Progress) -> None:
+    """idle_scale holds many idle connections and reads each relay's memory, cycle by cycle.
+
+    Every target starts afresh for it, so earlier workloads' heap does not hide or inflate
+    the cost of a connection, and growth across cycles shows a leak.
+    """
+    first_fresh = len(bench.procs)
+    fresh = start_targets(bench, bench.extra["endpoints"], label="-idle")
+    for target in fresh.values():
+        # One connection first: certificates fetched, session ticket in hand.
+        _client("storm", target.echo_port, 1)
+        start = rss_kib(target.pid)
+        bench.record("idle: RSS MB at start", target.name, start / 1024)
         for n in bench.plan.idle:
             for cycle in range(bench.plan.idle_cycles):
                 progress.step(f"idle {n} via {target.name} cycle {cycle + 1}")
-                before = rss_kib(target.pid)
                 holder = subprocess.Popen(
                     [
                         PYTHON,
@@ -476,12 +507,16 @@ def idle_scale(bench: Bench, targets: dict[str, Target], progress: Progress) -> 
                 holder.wait(60)
                 time.sleep(1.0)
                 after = rss_kib(target.pid)
+                # Against the fresh process's RSS: memory reused from an earlier, larger
+                # cycle still counts as what n connections need.
                 bench.record(
-                    f"idle {n}: KB per open connection", target.name, (during - before) * 1.024 / n
+                    f"idle {n}: KB per open connection", target.name, (during - start) * 1.024 / n
                 )
                 bench.record(
                     f"idle {n}: RSS MB after close, cycle {cycle + 1}", target.name, after / 1024
                 )
+    for proc in bench.procs[first_fresh:]:
+        proc.terminate()
 
 
 def summarize(bench: Bench, order: list[str]) -> tuple[str, dict[str, Any]]:
@@ -500,7 +535,8 @@ def summarize(bench: Bench, order: list[str]) -> tuple[str, dict[str, Any]]:
             else:
                 ratios.append("—")
         lines.append(f"| {workload} | " + " | ".join(cells) + " | " + " | ".join(ratios) + " |")
-    data = {"medians": medians, "samples": bench.results, **bench.extra}
+    extra = {k: v for k, v in bench.extra.items() if k != "endpoints"}
+    data = {"medians": medians, "samples": bench.results, **extra}
     return "\n".join(lines) + "\n", data
 
 
@@ -583,9 +619,7 @@ def main(argv: list[str] | None = None) -> int:
             only = [w.strip() for w in args.only.split(",") if w.strip()]
             runs = [r for r in workloads(bench, info) if not only or any(o in r[0] for o in only)]
             run_idle = not only or "idle" in only
-            idle_steps = run_idle * (
-                sum(1 for t in targets.values() if t.pid) * len(plan.idle) * plan.idle_cycles
-            )
+            idle_steps = run_idle * (len(targets) - 1) * len(plan.idle) * plan.idle_cycles
             progress = Progress(plan.reps * len(runs) * len(order) + idle_steps)
             for rep in range(plan.reps):
                 for label, run in runs:
@@ -593,7 +627,7 @@ def main(argv: list[str] | None = None) -> int:
                         progress.step(f"rep {rep + 1} {label} via {name}")
                         run(targets[name])
             if run_idle:
-                idle_scale(bench, targets, progress)
+                idle_scale(bench, progress)
             progress.close()
         finally:
             bench.stop()

@@ -35,6 +35,10 @@ def tune_socket(sock: Any) -> None:
         pass
 
 
+def _ignore_lost(_leg: Leg, _exc: Exception | None) -> None:
+    return None
+
+
 class Leg(asyncio.Protocol):
     """Leg is one side of a relayed connection: what it reads is written to its peer.
 
@@ -105,7 +109,14 @@ class Leg(asyncio.Protocol):
         self.closed = True
         self._forward = None
         self._wake()
-        self._on_lost(self, exc)
+        on_lost, self._on_lost = self._on_lost, _ignore_lost
+        on_lost(self, exc)
+        # Break the cycles (leg <-> transport, leg <-> peer, leg <-> session) so reference
+        # counting frees the TLS state now: objects of long-lived connections sit in the
+        # oldest GC generation, which CPython collects rarely.
+        self._on_made = None
+        self.peer = None
+        self.transport = None
 
     def pause_writing(self) -> None:
         peer = self.peer

@@ -20,6 +20,7 @@ from sqlproxy.config import Config, ConfigError, Instance
 from sqlproxy.dialer import CloudSQLDialer, Dialer, DialError, Generation, load_credentials
 from sqlproxy.health import Health
 from sqlproxy.limits import Admission
+from sqlproxy.memory import HeapTrimmer
 from sqlproxy.metrics import Metrics
 from sqlproxy.relay import Leg, tune_socket
 from sqlproxy.runner import EXIT_ERROR, Stop
@@ -73,6 +74,7 @@ class ProxyServer:
             max_waiting=config.max_waiting,
         )
         self.client_tls = client_tls.server_context(config)
+        self.heap = HeapTrimmer()
         self.sessions: dict[int, Session] = {}
         self.addresses: list[BoundAddress] = []
         self._servers: list[asyncio.AbstractServer] = []
@@ -180,6 +182,7 @@ class ProxyServer:
         stats.bytes_to_instance += session.client.nbytes
         stats.bytes_to_client += session.upstream.nbytes if session.upstream else 0
         self.sessions.pop(session.id, None)
+        self.heap.session_closed()
         if not self.sessions:
             self._idle.set()
 
@@ -231,6 +234,7 @@ class ProxyServer:
         self._servers.clear()
         for path in self._unix_paths:
             path.unlink(missing_ok=True)
+        self.heap.close()
         await self.dialer.close()
 
 

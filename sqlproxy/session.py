@@ -259,6 +259,7 @@ class Session:
         if self.done:
             return
         self.done = True
+        self._task = None
         if self.ticket is not None:
             self.ticket.release()
         self._server.session_finished(self)
