@@ -57,6 +57,8 @@ class Plan:
     idle: tuple[int, ...] = (1000, 3000, 5000)
     idle_cycles: int = 3
     stream_mb: int = 200
+    # sqlproxy also runs with this many worker processes (haproxy uses a thread per CPU).
+    workers: int = 2
 
     @classmethod
     def quick(cls) -> Plan:
@@ -219,35 +221,47 @@ class Endpoints:
     stunnel: str
 
 
-def start_targets(bench: Bench, ep: Endpoints, label: str = "") -> dict[str, Target]:
-    """start_targets starts sqlproxy, haproxy (if installed) and stunnel, each reaching both
-    instances; label keeps the config files of a second set apart."""
-    work, targets = bench.work, {}
+def _free_port_pair() -> int:
     port = free_port()
     while True:  # sqlproxy takes port and port+1
         with socket.socket() as s, contextlib.suppress(OSError):
             s.bind(("127.0.0.1", port + 1))
-            break
+            return port
         port = free_port()
-    proc = bench.spawn(
-        [
-            PYTHON,
-            "-m",
-            "sqlproxy",
-            "--port",
-            str(port),
-            "--quiet",
-            "--sqladmin-api-endpoint",
-            ep.emulator.url,
-            "--credentials-file",
-            str(ep.emulator.key_file),
-            PG_INSTANCE,
-            ECHO_INSTANCE,
-        ]
-    )
-    _wait_port("127.0.0.1", port, proc)
-    _wait_port("127.0.0.1", port + 1, proc)
-    targets["sqlproxy"] = Target("sqlproxy", port, port + 1, proc.pid)
+
+
+def start_targets(
+    bench: Bench, ep: Endpoints, label: str = "", workers: int = 1
+) -> dict[str, Target]:
+    """start_targets starts sqlproxy (and, with workers > 1, sqlproxy --workers too),
+    haproxy (if installed) and stunnel, each reaching both instances; label keeps the config
+    files of a second set apart."""
+    work, targets = bench.work, {}
+    for count in sorted({1, workers}):
+        port = _free_port_pair()
+        proc = bench.spawn(
+            [
+                PYTHON,
+                "-m",
+                "sqlproxy",
+                "--port",
+                str(port),
+                "--quiet",
+                "--workers",
+                str(count),
+                "--sqladmin-api-endpoint",
+                ep.emulator.url,
+                "--credentials-file",
+                str(ep.emulator.key_file),
+                PG_INSTANCE,
+                ECHO_INSTANCE,
+            ]
+        )
+        _wait_port("127.0.0.1", port, proc)
+        _wait_port("127.0.0.1", port + 1, proc)
+        name = "sqlproxy" if count == 1 else f"sqlproxy x{count}"
+        # Memory is read from one process, so only the single-process target reports it.
+        targets[name] = Target(name, port, port + 1, proc.pid if count == 1 else 0)
     haproxy = shutil.which("haproxy")
     pairs = (("pg", ep.pg_ip), ("echo", ep.echo_ip))
     if haproxy:
@@ -327,7 +341,10 @@ def setup(bench: Bench) -> tuple[EmulatorThread, dict[str, Target], dict[str, An
     for inst, sub in ((PG_INSTANCE, "pg"), (ECHO_INSTANCE, "echo")):
         asyncio.run(_client_certificate(emulator, inst, client_dir / sub))
     endpoints = Endpoints(emulator, pg_ip, echo_ip, client_dir, stunnel)
-    targets = {"direct": Target("direct", pg.port, plain_echo), **start_targets(bench, endpoints)}
+    targets = {
+        "direct": Target("direct", pg.port, plain_echo),
+        **start_targets(bench, endpoints, workers=bench.plan.workers),
+    }
     bench.extra["endpoints"] = endpoints
 
     env = {
@@ -477,7 +494,7 @@ def idle_scale(bench: Bench, progress: Progress) -> None:
     """
     first_fresh = len(bench.procs)
     fresh = start_targets(bench, bench.extra["endpoints"], label="-idle")
-    for target in fresh.values():
+    for target in (t for t in fresh.values() if t.pid):
         # One connection first: certificates fetched, session ticket in hand.
         _client("storm", target.echo_port, 1)
         start = rss_kib(target.pid)
@@ -524,17 +541,16 @@ def summarize(bench: Bench, order: list[str]) -> tuple[str, dict[str, Any]]:
     medians = {
         w: {t: statistics.median(v) for t, v in per.items()} for w, per in bench.results.items()
     }
-    head = "| workload | " + " | ".join(order) + " | sqlproxy ÷ haproxy | sqlproxy ÷ direct |"
-    lines = [head, "|" + "---|" * (len(order) + 3)]
+    ratios = [(v, "haproxy") for v in order if v.startswith("sqlproxy")] + [("sqlproxy", "direct")]
+    head = "| workload | " + " | ".join(order) + " | "
+    head += " | ".join(f"{a} / {b}" for a, b in ratios) + " |"
+    lines = [head, "|" + "---|" * (len(order) + len(ratios) + 1)]
     for workload, per in medians.items():
         cells = [f"{per[t]:,.1f}" if t in per else "—" for t in order]
-        ratios = []
-        for other in ("haproxy", "direct"):
-            if "sqlproxy" in per and per.get(other):
-                ratios.append(f"{per['sqlproxy'] / per[other]:.2f}x")
-            else:
-                ratios.append("—")
-        lines.append(f"| {workload} | " + " | ".join(cells) + " | " + " | ".join(ratios) + " |")
+        cells += [
+            f"{per[a] / per[b]:.2f}x" if per.get(a) and per.get(b) else "—" for a, b in ratios
+        ]
+        lines.append(f"| {workload} | " + " | ".join(cells) + " |")
     extra = {k: v for k, v in bench.extra.items() if k != "endpoints"}
     data = {"medians": medians, "samples": bench.results, **extra}
     return "\n".join(lines) + "\n", data
@@ -610,6 +626,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.reps:
         plan.reps = args.reps
     args.out.mkdir(parents=True, exist_ok=True)
+    failure: Exception | None = None
+    order: list[str] = []
     with workdir(None) as work:
         bench = Bench(plan, work)
         thread = None
@@ -619,7 +637,8 @@ def main(argv: list[str] | None = None) -> int:
             only = [w.strip() for w in args.only.split(",") if w.strip()]
             runs = [r for r in workloads(bench, info) if not only or any(o in r[0] for o in only)]
             run_idle = not only or "idle" in only
-            idle_steps = run_idle * (len(targets) - 1) * len(plan.idle) * plan.idle_cycles
+            measured = sum(1 for t in targets.values() if t.pid)
+            idle_steps = run_idle * measured * len(plan.idle) * plan.idle_cycles
             progress = Progress(plan.reps * len(runs) * len(order) + idle_steps)
             for rep in range(plan.reps):
                 for label, run in runs:
@@ -629,6 +648,8 @@ def main(argv: list[str] | None = None) -> int:
             if run_idle:
                 idle_scale(bench, progress)
             progress.close()
+        except Exception as exc:
+            failure = exc
         finally:
             bench.stop()
             if thread is not None:
@@ -650,6 +671,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     charts(data, args.out)
     print(table)
+    if failure is not None:
+        raise failure
     return 0
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, NoReturn, TypeVar
 
 import click
@@ -39,8 +39,9 @@ from sqlproxy.doctor import doctor_command
 from sqlproxy.emulator.cli import emulator_command
 from sqlproxy.generate import generate_command
 from sqlproxy.probes import healthcheck_command, shutdown_command, wait_command
-from sqlproxy.runner import EXIT_ERROR, EXIT_SIGINT, run_until_signal
+from sqlproxy.runner import EXIT_ERROR, EXIT_SIGINT, Stop, run_until_signal
 from sqlproxy.server import run
+from sqlproxy.workers import SharedCounts, reserve_ports, supervise
 
 # Set when a --config-file is in use: (its default_map, its instances).
 _FILE_INSTANCES: list[str] = []
@@ -126,6 +127,7 @@ def build_config(
         max_sigterm_delay=opts["max_sigterm_delay"],
         exit_zero_on_sigterm=opts["exit_zero_on_sigterm"],
         run_connection_test=opts["run_connection_test"],
+        workers=opts["workers"],
     )
 
 
@@ -323,6 +325,14 @@ Other commands:
     help="Log JSON lines (severity, message, timestamp, connection fields).",
 )
 @flag_option("debug-logs", is_flag=True, help="Log debug lines too.")
+@flag_option(
+    "workers",
+    type=click.IntRange(1, 64),
+    default=1,
+    show_default=True,
+    help="Worker processes sharing the ports (SO_REUSEPORT); limits stay global and worker 0 "
+    "serves the HTTP endpoints.",
+)
 @click.option(
     "--dry-run",
     is_flag=True,
@@ -355,7 +365,21 @@ def proxy_command(instances: tuple[str, ...], **opts: Any) -> None:
     logs.configure(
         debug=opts["debug_logs"], quiet=opts["quiet"], structured=opts["structured_logs"]
     )
-    sys.exit(run_until_signal(config.loop, lambda stop: run(config, stop)))
+    if config.workers == 1:
+        sys.exit(run_until_signal(config.loop, lambda stop: run(config, stop)))
+    config, held = reserve_ports(config)
+    counts = SharedCounts(config.instances)
+
+    def run_worker(index: int) -> int:
+        def main(stop: Stop) -> Coroutine[Any, Any, int]:
+            return run(config, stop, worker=index, counts=counts)
+
+        return run_until_signal(config.loop, main)
+
+    code = supervise(config.workers, run_worker)
+    for sock in held:
+        sock.close()
+    sys.exit(code)
 
 
 def describe_config(config: Config) -> dict[str, Any]:

@@ -340,6 +340,8 @@ class Config:
     max_sigterm_delay: float = 0.0
     exit_zero_on_sigterm: bool = False
     run_connection_test: bool = False
+    # Worker processes sharing the ports (SO_REUSEPORT); limits stay global.
+    workers: int = 1
 
     def __post_init__(self) -> None:
         if not self.instances:
@@ -397,6 +399,10 @@ class Config:
             )
         if self.prometheus_namespace and not self.prometheus:
             raise ConfigError("--prometheus-namespace needs --prometheus")
+        if not 1 <= self.workers <= 64:
+            raise ConfigError("--workers must be between 1 and 64")
+        if self.workers > 1 and any(i.unix_path for i in self.instances):
+            raise ConfigError("--workers above 1 needs TCP listeners (not --unix-socket)")
         if self.client_tls_required and not self.client_tls:
             raise ConfigError(
                 "--client-tls-required needs --client-tls-dir or --client-tls-cert/--client-tls-key"

@@ -6,6 +6,7 @@ import asyncio
 import collections
 import time
 from dataclasses import dataclass, field
+from typing import Protocol
 
 
 class Refused(Exception):
@@ -73,6 +74,58 @@ class InstanceState:
     wait_seconds_total: float = 0.0
 
 
+Blocker = tuple[str, int, int]
+
+
+class Counts(Protocol):
+    """Counts keep the open-session numbers the caps are checked against."""
+
+    shared: bool
+
+    def take(self, instance: str, global_max: int, instance_max: int) -> Blocker | None:
+        """take reserves a slot unless a cap is reached, and then says which one."""
+        ...
+
+    def give_back(self, instance: str) -> None:
+        """give_back frees a slot taken earlier."""
+        ...
+
+    @property
+    def total(self) -> int:
+        """total is how many sessions are open, across every instance."""
+        ...
+
+
+class LocalCounts:
+    """LocalCounts are open-session counts for a single process."""
+
+    shared = False
+
+    def __init__(self) -> None:
+        self._total = 0
+        self._per: collections.Counter[str] = collections.Counter()
+
+    def take(self, instance: str, global_max: int, instance_max: int) -> Blocker | None:
+        """take reserves a slot unless a cap is reached, and then says which one."""
+        if instance_max and self._per[instance] >= instance_max:
+            return "instance", self._per[instance], instance_max
+        if global_max and self._total >= global_max:
+            return "global", self._total, global_max
+        self._total += 1
+        self._per[instance] += 1
+        return None
+
+    def give_back(self, instance: str) -> None:
+        """give_back frees a slot taken earlier."""
+        self._total -= 1
+        self._per[instance] -= 1
+
+    @property
+    def total(self) -> int:
+        """total is how many sessions are open, across every instance."""
+        return self._total
+
+
 @dataclass(eq=False)
 class _Waiter:
     instance: str
@@ -112,14 +165,24 @@ class Admission:
         per_instance: dict[str, int] | None = None,
         max_wait: float = 15.0,
         max_waiting: int = 0,
+        counts: Counts | None = None,
+        poll_interval: float = 0.02,
     ) -> None:
         self.max_connections = max_connections
         self.per_instance = dict(per_instance or {})
         self.max_wait = max_wait
         self.max_waiting = max_waiting
-        self.open = 0
+        # Local, or shared by worker processes (sqlproxy.workers.SharedCounts).
+        self.counts: Counts = counts or LocalCounts()
         self.states: dict[str, InstanceState] = collections.defaultdict(InstanceState)
         self._queue: collections.deque[_Waiter] = collections.deque()
+        self._poll_interval = poll_interval
+        self._poll: asyncio.TimerHandle | None = None
+
+    @property
+    def open(self) -> int:
+        """open is how many sessions are admitted now (across workers when they share counts)."""
+        return self.counts.total
 
     @property
     def waiting(self) -> int:
@@ -131,28 +194,22 @@ class Admission:
         """saturated is true while the global cap is reached (readiness reports 503)."""
         return self.max_connections > 0 and self.open >= self.max_connections
 
-    def _blocker(self, instance: str) -> tuple[str, int, int] | None:
-        """_blocker says which cap stops one more connection for instance, if any."""
-        limit = self.per_instance.get(instance, 0)
-        in_use = self.states[instance].open
-        if limit and in_use >= limit:
-            return "instance", in_use, limit
-        if self.max_connections and self.open >= self.max_connections:
-            return "global", self.open, self.max_connections
-        return None
-
-    def _admit(self, instance: str) -> None:
-        self.open += 1
-        state = self.states[instance]
-        state.open += 1
-        state.admitted_total += 1
+    def _admit(self, instance: str) -> Blocker | None:
+        """_admit takes a slot for instance if the caps allow; else says which cap stops it."""
+        blocker = self.counts.take(
+            instance, self.max_connections, self.per_instance.get(instance, 0)
+        )
+        if blocker is None:
+            state = self.states[instance]
+            state.open += 1
+            state.admitted_total += 1
+        return blocker
 
     async def acquire(self, instance: str) -> Ticket:
         """acquire admits now, or waits in line up to max_wait, or raises Refused."""
-        blocker = self._blocker(instance)
+        blocker = self._admit(instance)
         if blocker is None:
             # Nobody queued could use this slot: _dispatch hands out every slot that frees.
-            self._admit(instance)
             return Ticket(self, instance, 0.0)
         state = self.states[instance]
         if blocker is not None and (
@@ -173,6 +230,8 @@ class Admission:
         waiter = _Waiter(instance, asyncio.get_running_loop().create_future(), time.monotonic())
         self._queue.append(waiter)
         state.waiting += 1
+        if self.counts.shared:
+            self._schedule_poll()
         try:
             async with asyncio.timeout(self.max_wait):
                 await waiter.future
@@ -180,7 +239,7 @@ class Admission:
             waited = time.monotonic() - waiter.since
             state.refused_total["full"] += 1
             state.wait_seconds_total += waited
-            scope, in_use, limit = self._blocker(instance) or ("global", self.open, 0)
+            scope, in_use, limit = self._current_blocker(instance)
             raise Refused(
                 instance=instance,
                 reason="full",
@@ -203,8 +262,15 @@ class Admission:
         state.wait_seconds_total += waited
         return Ticket(self, instance, waited)
 
+    def _current_blocker(self, instance: str) -> Blocker:
+        """_current_blocker describes the cap that is full now, for a refusal message."""
+        limit = self.per_instance.get(instance, 0)
+        if limit and self.states[instance].open >= limit:
+            return "instance", self.states[instance].open, limit
+        return "global", self.open, self.max_connections
+
     def _release(self, instance: str) -> None:
-        self.open -= 1
+        self.counts.give_back(instance)
         self.states[instance].open -= 1
         self._dispatch()
 
@@ -214,10 +280,27 @@ class Admission:
         for waiter in list(self._queue):
             if waiter.future.done() or waiter.instance in blocked:
                 continue
-            if self._blocker(waiter.instance) is not None:
+            if self._admit(waiter.instance) is not None:
                 # Keep FIFO within an instance: later waiters for it stay behind this one.
                 blocked.add(waiter.instance)
                 continue
             self._queue.remove(waiter)
-            self._admit(waiter.instance)
             waiter.future.set_result(None)
+
+    def _schedule_poll(self) -> None:
+        """_schedule_poll re-checks shared caps while clients wait: another worker process
+        may free a slot, and only this process can hand it to its own waiters."""
+        if self._poll is None:
+            self._poll = asyncio.get_running_loop().call_later(self._poll_interval, self._polled)
+
+    def _polled(self) -> None:
+        self._poll = None
+        self._dispatch()
+        if self._queue:
+            self._schedule_poll()
+
+    def close(self) -> None:
+        """close stops polling."""
+        if self._poll is not None:
+            self._poll.cancel()
+            self._poll = None

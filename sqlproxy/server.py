@@ -19,12 +19,13 @@ from sqlproxy import admin, client_tls
 from sqlproxy.config import Config, ConfigError, Instance
 from sqlproxy.dialer import CloudSQLDialer, Dialer, DialError, Generation, load_credentials
 from sqlproxy.health import Health
-from sqlproxy.limits import Admission
+from sqlproxy.limits import Admission, Counts
 from sqlproxy.memory import HeapTrimmer
 from sqlproxy.metrics import Metrics
 from sqlproxy.relay import Leg, tune_socket
 from sqlproxy.runner import EXIT_ERROR, Stop
 from sqlproxy.session import Session
+from sqlproxy.workers import notify_quit
 
 logger = logging.getLogger(__name__)
 
@@ -60,8 +61,17 @@ class InstanceStats:
 class ProxyServer:
     """ProxyServer owns the listeners, the open sessions and the tasks that dial for them."""
 
-    def __init__(self, config: Config, dialer: Dialer, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        dialer: Dialer,
+        metrics: Metrics | None = None,
+        *,
+        counts: Counts | None = None,
+        worker: int = 0,
+    ) -> None:
         self.config = config
+        self.worker = worker
         self.dialer = dialer
         self.metrics = metrics
         self.stats: collections.defaultdict[str, InstanceStats] = collections.defaultdict(
@@ -72,6 +82,7 @@ class ProxyServer:
             per_instance={i.name: i.max_connections for i in config.instances},
             max_wait=config.max_wait,
             max_waiting=config.max_waiting,
+            counts=counts,
         )
         self.client_tls = client_tls.server_context(config)
         self.heap = HeapTrimmer()
@@ -80,7 +91,8 @@ class ProxyServer:
         self._servers: list[asyncio.AbstractServer] = []
         self._unix_paths: list[Path] = []
         self._tasks: set[asyncio.Task[None]] = set()
-        self._ids = itertools.count(1)
+        # Connection ids stay unique across worker processes: 1, 1+N, 1+2N ... for worker 0.
+        self._ids = itertools.count(1 + worker, config.workers)
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -124,7 +136,12 @@ class ProxyServer:
             logger.info("[%s] listening on %s", inst.name, path)
             return
         server = await loop.create_server(
-            factory, inst.address, inst.port, backlog=LISTEN_BACKLOG, reuse_address=True
+            factory,
+            inst.address,
+            inst.port,
+            backlog=LISTEN_BACKLOG,
+            reuse_address=True,
+            reuse_port=self.config.workers > 1,
         )
         self._servers.append(server)
         for sock in server.sockets:
@@ -235,6 +252,7 @@ class ProxyServer:
         for path in self._unix_paths:
             path.unlink(missing_ok=True)
         self.heap.close()
+        self.admission.close()
         await self.dialer.close()
 
 
@@ -244,7 +262,12 @@ def _hostport(host: str, port: int) -> str:
 
 @contextlib.asynccontextmanager
 async def serve(
-    config: Config, dialer: Dialer | None = None, metrics: Metrics | None = None
+    config: Config,
+    dialer: Dialer | None = None,
+    metrics: Metrics | None = None,
+    *,
+    counts: Counts | None = None,
+    worker: int = 0,
 ) -> AsyncIterator[ProxyServer]:
     """serve runs the proxy for the duration of an ``async with`` block.
 
@@ -255,7 +278,7 @@ async def serve(
     if dialer is None:
         credentials = await asyncio.to_thread(load_credentials, config)
         dialer = cloud = CloudSQLDialer(config, credentials)
-    server = ProxyServer(config, dialer, metrics)
+    server = ProxyServer(config, dialer, metrics, counts=counts, worker=worker)
     if metrics is not None:
         metrics.bind(server)
     try:
@@ -298,16 +321,19 @@ def warn_if_unreachable(config: Config) -> None:
         )
 
 
-async def run(config: Config, stop: Stop) -> int:
+async def run(config: Config, stop: Stop, *, worker: int = 0, counts: Counts | None = None) -> int:
     """run serves until asked to stop, then shuts down in order; returns the exit code.
 
     1. keep accepting for --min-sigterm-delay; 2. report not ready and stop accepting;
     3. let open sessions finish for up to --max-sigterm-delay; 4. close what remains.
+    With several workers, only worker 0 serves the HTTP endpoints.
     """
-    metrics = Metrics(config.prometheus_namespace) if config.prometheus else None
-    async with serve(config, metrics=metrics) as proxy:
+    metrics = Metrics(config.prometheus_namespace) if config.prometheus and worker == 0 else None
+    async with serve(config, metrics=metrics, counts=counts, worker=worker) as proxy:
         health = Health(proxy.admission)
-        endpoints = await admin.start_endpoints(config, health, metrics, stop)
+        endpoints = (
+            await admin.start_endpoints(config, health, metrics, stop) if worker == 0 else []
+        )
         try:
             if config.run_connection_test:
                 await proxy.connection_test()
@@ -315,6 +341,8 @@ async def run(config: Config, stop: Stop) -> int:
             warn_if_unreachable(config)
             await stop.requested.wait()
             logger.info("received %s, shutting down", stop.reason)
+            if config.workers > 1 and stop.reason == "quitquitquit":
+                notify_quit()
             if config.min_sigterm_delay:
                 logger.info("still accepting connections for %gs", config.min_sigterm_delay)
                 await asyncio.sleep(config.min_sigterm_delay)

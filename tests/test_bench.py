@@ -31,7 +31,7 @@ def test_quick_run_produces_every_result(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
     data = json.loads((tmp_path / "results.json").read_text())
     medians = data["medians"]
-    expected_targets = {"direct", "sqlproxy", "stunnel"} | (
+    expected_targets = {"direct", "sqlproxy", "sqlproxy x2", "stunnel"} | (
         {"haproxy"} if shutil.which("haproxy") else set()
     )
     for workload in (
@@ -47,5 +47,6 @@ def test_quick_run_produces_every_result(tmp_path: Path) -> None:
     # Memory is measured (tiny runs are noise, so no sign is asserted).
     assert isinstance(medians["idle 100: KB per open connection"]["sqlproxy"], float)
     table = (tmp_path / "results.md").read_text()
-    assert "| workload | direct | sqlproxy |" in table
+    assert "| workload | direct | sqlproxy | sqlproxy x2 |" in table
+    assert "sqlproxy / haproxy" in table
     assert data["machine"] and data["command"].startswith("python -m bench.run --quick")

@@ -194,6 +194,9 @@ async def test_listener_refuses_an_expired_client_certificate(emulator: Emulator
 
     with pytest.raises((ssl.SSLError, ConnectionError, asyncio.IncompleteReadError)):
         await handshake_and_read()
+    async with asyncio.timeout(10):  # the emulator's thread records it a moment later
+        while len(inst.records) == before:  # noqa: ASYNC110 - another thread appends it
+            await asyncio.sleep(0.01)
     record = inst.records[before]
     assert not record.accepted
     assert "expired" in record.error
