@@ -24,6 +24,7 @@ for _name in list(os.environ):
 import asyncio  # noqa: E402
 import contextlib  # noqa: E402
 import logging  # noqa: E402
+import subprocess  # noqa: E402
 from collections.abc import AsyncIterator, Callable, Iterator  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from typing import Any  # noqa: E402
@@ -116,6 +117,37 @@ async def connect(pg: PG, host: str, port: int, **kwargs: Any) -> asyncpg.Connec
     }
     options.update(kwargs)
     return await asyncpg.connect(host=host, port=port, **options)
+
+
+PSQL_ARGS = ("-X", "-A", "-t", "-c")
+
+
+async def psql_async(password: str, dsn: str, sql: str) -> tuple[int, str, str]:
+    """psql_async runs psql without blocking the test's event loop (the proxy runs on it)."""
+    proc = await asyncio.create_subprocess_exec(
+        "psql",
+        dsn,
+        *PSQL_ARGS,
+        sql,
+        env={**os.environ, "PGPASSWORD": password, "PGCONNECT_TIMEOUT": "20"},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await proc.communicate()
+    assert proc.returncode is not None
+    return proc.returncode, out.decode().strip(), err.decode().strip()
+
+
+def psql(password: str, dsn: str, sql: str) -> subprocess.CompletedProcess[str]:
+    """psql runs psql once (for proxies running in another process)."""
+    return subprocess.run(
+        ["psql", dsn, *PSQL_ARGS, sql],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, "PGPASSWORD": password, "PGCONNECT_TIMEOUT": "20"},
+        check=False,
+    )
 
 
 def make_config(emulator: Emulator, *instances: str, **options: Any) -> Config:

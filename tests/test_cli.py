@@ -14,7 +14,7 @@ from contextlib import contextmanager
 import pytest
 
 from sqlproxy.emulator import Emulator
-from tests.conftest import MAIN, PG, SECOND
+from tests.conftest import MAIN, PG, SECOND, psql
 
 SQLPROXY = [sys.executable, "-m", "sqlproxy"]
 
@@ -117,21 +117,10 @@ def _free_port() -> int:
 
 
 def _psql(pg: PG, port: int, sql: str) -> str:
-    result = subprocess.run(
-        [
-            "psql",
-            f"host=127.0.0.1 port={port} user={pg.user} dbname=postgres sslmode=disable",
-            "-X",
-            "-A",
-            "-t",
-            "-c",
-            sql,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        env={**os.environ, "PGPASSWORD": pg.password},
-        check=False,
+    result = psql(
+        pg.password,
+        f"host=127.0.0.1 port={port} user={pg.user} dbname=postgres sslmode=disable",
+        sql,
     )
     assert result.returncode == 0, result.stderr
     return result.stdout.strip()

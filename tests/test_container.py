@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import subprocess
@@ -23,6 +22,7 @@ from sqlproxy.emulator import (
     PostgresTarget,
 )
 from tests import podman
+from tests.conftest import psql
 from tests.test_operations import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -45,23 +45,8 @@ def images() -> None:
 
 
 def _psql(port: int, password: str, database: str, sql: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [
-            "psql",
-            f"host=127.0.0.1 port={port} user=postgres dbname={database} "
-            "sslmode=disable connect_timeout=5",
-            "-X",
-            "-A",
-            "-t",
-            "-c",
-            sql,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-        env={**os.environ, "PGPASSWORD": password},
-    )
+    dsn = f"host=127.0.0.1 port={port} user=postgres dbname={database} sslmode=disable"
+    return psql(password, dsn, sql)
 
 
 def _eventually(fn: object, timeout: float = 90) -> None:

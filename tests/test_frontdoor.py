@@ -12,25 +12,7 @@ import pytest
 
 from sqlproxy.emulator import Emulator, EmulatorThread
 from sqlproxy.pgwire import GSSENC_REQUEST, SSL_REQUEST, startup_message
-from tests.conftest import FAULTY, MAIN, PG, connect, make_config, running_proxy
-
-
-async def _psql(pg: PG, dsn: str, sql: str) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(
-        "psql",
-        dsn,
-        "-X",
-        "-A",
-        "-t",
-        "-c",
-        sql,
-        env={**os.environ, "PGPASSWORD": pg.password, "PGCONNECT_TIMEOUT": "20"},
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await proc.communicate()
-    assert proc.returncode is not None
-    return proc.returncode, out.decode().strip(), err.decode().strip()
+from tests.conftest import FAULTY, MAIN, PG, connect, make_config, psql_async, running_proxy
 
 
 async def _read_error(reader: asyncio.StreamReader) -> dict[str, str]:
@@ -48,8 +30,8 @@ async def _read_error(reader: asyncio.StreamReader) -> dict[str, str]:
 async def test_psql_default_sslmode_prefer_is_answered_locally(emulator: Emulator, pg: PG) -> None:
     async with running_proxy(make_config(emulator)) as proxy:
         addr = proxy.addresses[0]
-        code, out, err = await _psql(
-            pg,
+        code, out, err = await psql_async(
+            pg.password,
             f"host={addr.host} port={addr.port} user={pg.user} dbname=postgres",
             "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
         )
@@ -101,8 +83,9 @@ async def test_bad_first_packets_get_08p01_and_reach_nothing(
         assert fields["S"] == "FATAL"
         assert message in fields["M"]
         # The proxy carries on serving.
-        code, _, _ = await _psql(
-            PG("postgres", emulator.postgres.password if emulator.postgres else "", "", 0),
+        assert emulator.postgres is not None
+        code, _, _ = await psql_async(
+            emulator.postgres.password,
             f"host={addr.host} port={addr.port} user=postgres dbname=postgres sslmode=disable",
             "SELECT 1",
         )
@@ -129,7 +112,7 @@ async def test_dial_failure_message_in_psql_and_psycopg(
     async with running_proxy(make_config(emulator, FAULTY, private_ip=True)) as proxy:
         addr = proxy.addresses[0]
         dsn = f"host={addr.host} port={addr.port} user={pg.user} dbname=postgres sslmode=disable"
-        code, _, err = await _psql(pg, dsn, "SELECT 1")
+        code, _, err = await psql_async(pg.password, dsn, "SELECT 1")
         assert code == 2
         assert f"FATAL:  sqlproxy: cannot connect to instance {FAULTY}: no-address-of-type" in err
         with pytest.raises(psycopg.OperationalError) as failed:

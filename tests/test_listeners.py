@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime
-import os
 import shutil
 import ssl
 import struct
@@ -18,7 +17,7 @@ import pytest
 from sqlproxy.certs import Authority, key_pem, pem
 from sqlproxy.emulator import Emulator
 from sqlproxy.pgwire import SSL_REQUEST
-from tests.conftest import MAIN, PG, connect, make_config, running_proxy
+from tests.conftest import MAIN, PG, connect, make_config, psql_async, running_proxy
 from tests.test_cli import run
 
 
@@ -30,24 +29,6 @@ def short_dir() -> Iterator[Path]:
     shutil.rmtree(path, ignore_errors=True)
 
 
-async def _psql(pg: PG, dsn: str, sql: str) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(
-        "psql",
-        dsn,
-        "-X",
-        "-A",
-        "-t",
-        "-c",
-        sql,
-        env={**os.environ, "PGPASSWORD": pg.password},
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await proc.communicate()
-    assert proc.returncode is not None
-    return proc.returncode, out.decode().strip(), err.decode().strip()
-
-
 async def test_unix_socket_directory_per_instance(
     emulator: Emulator, pg: PG, short_dir: Path
 ) -> None:
@@ -55,8 +36,10 @@ async def test_unix_socket_directory_per_instance(
     async with running_proxy(make_config(emulator, unix_socket=str(short_dir))) as proxy:
         assert [a.host for a in proxy.addresses] == [str(socket_file)]
         assert socket_file.is_socket()
-        code, out, err = await _psql(
-            pg, f"host={short_dir / MAIN} user={pg.user} dbname=postgres", "SELECT 'via socket'"
+        code, out, err = await psql_async(
+            pg.password,
+            f"host={short_dir / MAIN} user={pg.user} dbname=postgres",
+            "SELECT 'via socket'",
         )
         assert (code, out) == (0, "via socket"), err
     assert not socket_file.exists()  # removed on shutdown
@@ -106,8 +89,8 @@ async def test_generated_client_tls_with_require_and_verify_full(
         assert await conn.fetchval("SELECT 1") == 1
         await conn.close()
         # Plaintext still works unless TLS is required.
-        code, _, err = await _psql(
-            pg,
+        code, _, err = await psql_async(
+            pg.password,
             f"host={addr.host} port={addr.port} user={pg.user} dbname=postgres sslmode=disable",
             "SELECT 1",
         )
@@ -135,7 +118,9 @@ async def test_client_tls_required_refuses_plaintext_with_28000(
             await psycopg.AsyncConnection.connect(base + "dbname=postgres sslmode=disable")
         assert "sqlproxy: this proxy accepts TLS connections only" in str(refused.value)
         assert "sslmode=require" in str(refused.value)
-        code, out, _ = await _psql(pg, base + "dbname=postgres", "SELECT 'prefer upgrades'")
+        code, out, _ = await psql_async(
+            pg.password, base + "dbname=postgres", "SELECT 'prefer upgrades'"
+        )
         assert (code, out) == (0, "prefer upgrades")
 
 
